@@ -1,0 +1,15 @@
+"""cloud-train: the ML engineer's side of edgeloop.
+
+- :mod:`cloud_trainer.data`        labelled data sets and the stratified split
+- :mod:`cloud_trainer.train`       fine-tuning with the Hugging Face Trainer
+- :mod:`cloud_trainer.runs`        a training run on disk, and its export to a bundle
+- :mod:`cloud_trainer.signing`     ed25519 release keys and sequence numbers
+- :mod:`cloud_trainer.publish`     pushing bundles and signed releases over MQTT
+- :mod:`cloud_trainer.localbroker` a broker on localhost for the demo and tests
+- :mod:`cloud_trainer.demo`        the whole loop on one machine
+- :mod:`cloud_trainer.cli`         the ``cloud-train`` command
+
+May import :mod:`export` and :mod:`edge_agent.protocol`; the edge never imports this package.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,289 @@
+"""``cloud-train``: fine-tune, export, register, sign and push models; run the end-to-end demo.
+
+Heavy packages (torch, transformers, optimum) are imported inside the commands that need them,
+so ``cloud-train --help`` is instant. Errors the user can act on are one line, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from cloud_trainer.errors import BrokerError, CloudTrainError
+
+DEFAULT_BROKER = "127.0.0.1:1883"
+HYPERPARAMETERS = (
+    "base_model", "epochs", "batch_size", "learning_rate", "weight_decay", "warmup_ratio",
+    "max_length", "seed", "max_steps", "freeze_base",
+)  # fmt: skip
+
+
+def parse_broker(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"broker {value!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def _registry(args: argparse.Namespace) -> Any:
+    from cloud_trainer.registry import Registry, default_registry
+
+    return Registry(args.registry or default_registry())
+
+
+# -- commands ------------------------------------------------------------------------------------
+def _cmd_train(args: argparse.Namespace) -> int:
+    if args.family == "digits":
+        from cloud_trainer.digits import DigitsConfig, train_digits
+        from cloud_trainer.metrics import format_metrics
+
+        overrides = {k: getattr(args, k) for k in ("epochs", "batch_size", "learning_rate", "seed")}
+        digits_config = DigitsConfig(
+            **{k: (int(v) if k == "epochs" else v) for k, v in overrides.items() if v is not None}
+        )
+        digits = train_digits(args.out, config=digits_config, progress=True)
+        print(format_metrics(digits.metrics))
+        print(f"checkpoint: {digits.checkpoint}")
+        return 0
+    if args.data is None:
+        raise CloudTrainError("--data is required for the text family")
+    from cloud_trainer.metrics import format_metrics
+    from cloud_trainer.runs import train_run
+    from cloud_trainer.train import TrainConfig, load_train_config
+
+    settings = load_train_config(args.config) if args.config else {}
+    settings.update({k: getattr(args, k) for k in HYPERPARAMETERS if getattr(args, k) is not None})
+    config = TrainConfig.from_mapping(settings, origin=str(args.config or "flags"))
+    result = train_run(
+        args.data, args.out, config=config, val_path=args.val_data, val_fraction=args.val_fraction,
+        text_column=args.text_column, label_column=args.label_column,
+    )  # fmt: skip
+    print(format_metrics(result.metrics))
+    print(f"{result.metrics['val_examples']} validation examples; metrics: {args.out / 'metrics.json'}")
+    print(f"checkpoint: {result.checkpoint}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    options = {"quantization": args.quantize, "max_accuracy_drop": args.max_accuracy_drop}
+    if (args.run / "checkpoint" / "model.pt").is_file():  # a digits CNN run
+        from cloud_trainer.digits import export_digits
+
+        def build(bundle_dir: Path, number: int, parent: int | None) -> Any:
+            quantization = "static-int8" if args.quantize == "dynamic-int8" else args.quantize
+            result = export_digits(args.run, bundle_dir, model=args.model, version=number, quantization=quantization,
+                                   max_accuracy_drop=args.max_accuracy_drop, parent_version=parent)  # fmt: skip
+            reports.append(result.report)
+            return result.manifest
+
+        reports: list[dict[str, Any]] = []
+        entry = registry.register(args.model, version=args.version, build=build, source={"run": str(args.run)})
+        report = reports[0]
+    else:
+        from cloud_trainer.runs import register_run
+
+        entry, report = register_run(registry, args.run, model=args.model, version=args.version,
+                                     target=args.target, **options)  # fmt: skip
+    print(json.dumps(report, indent=2))
+    print(f"registered {entry.ref} in {registry.root} ({entry.manifest.total_bytes} bytes)")
+    return 0
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from cloud_trainer.signing import generate_keypair
+
+    private, public = generate_keypair(args.out, name=args.name)
+    print(f"signing key (keep secret): {private}\npublic key (copy to devices): {public}")
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from cloud_trainer.publish import push_bundle
+    from cloud_trainer.registry import parse_ref
+    from edge_agent.protocol import Target
+
+    model, version = parse_ref(args.ref)
+    entry = _registry(args).verified(model, version)
+    target = None
+    if args.group:
+        target = Target(kind="group", name=args.group)
+    elif args.device:
+        target = Target(kind="device", name=args.device)
+    host, port = args.broker
+    result = push_bundle(
+        entry.bundle_dir, host=host, port=port, fleet=args.fleet, key_path=args.key, target=target,
+        protocol=args.mqtt_protocol, canary_percent=args.canary, artifact_url=args.artifact_url,
+    )  # fmt: skip
+    r = result.release
+    canary = f", canary {r.canary_percent:g}%" if r.canary_percent else ""
+    print(
+        f"pushed {r.model} v{r.version} (sequence {r.sequence}{canary}) to {result.topic}: "
+        f"{result.chunks} chunks, {result.bytes} bytes"
+    )
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from cloud_trainer.registry import diff, parse_ref, summary
+
+    registry = _registry(args)
+    if args.models_command == "list":
+        rows = [summary(registry.get(m, v)) for m in registry.models() for v in registry.versions(m)]
+        if not rows:
+            print(f"no models in {registry.root}")
+            return 0
+        print(f"{'model:version':<20} {'registered':<26} {'quantization':<13} {'accuracy':>8} {'MB':>7} {'parent':>6}")
+        for row in rows:
+            accuracy = f"{row['accuracy']:.3f}" if row["accuracy"] is not None else "-"
+            print(
+                f"{row['ref']:<20} {row['registered']:<26} {row['quantization']:<13} {accuracy:>8} "
+                f"{row['bytes'] / 1e6:>7.1f} {row['parent'] or '-':>6}"
+            )
+        return 0
+    if args.models_command == "show":
+        entry = registry.get(*parse_ref(args.ref))
+        manifest = entry.manifest.model_dump(by_alias=True, exclude={"files"})
+        manifest["files"] = [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in entry.manifest.files]
+        print(json.dumps({"record": entry.record, "manifest": manifest}, indent=2, default=str))
+        return 0
+    a, b = (registry.get(*parse_ref(ref)) for ref in (args.a, args.b))
+    changes = diff(a, b)
+    print(f"{a.ref} -> {b.ref}: {len(changes)} difference(s)")
+    for key, value in changes.items():
+        print(f"  {key}: {json.dumps(value, default=str)}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from cloud_trainer.demo import DemoOptions, run_demo
+
+    return run_demo(
+        DemoOptions(
+            broker=args.broker, workdir=args.workdir, epochs=args.epochs, max_steps=args.max_steps,
+            broker_kind=args.broker_kind,
+        )
+    )  # fmt: skip
+
+
+# -- parser --------------------------------------------------------------------------------------
+def _add_train(sub: Any) -> None:
+    p = sub.add_parser("train", help="fine-tune a classifier (text: a Hugging Face model; digits: a small CNN)")
+    p.add_argument("--family", choices=["text", "digits"], default="text",
+                   help="text (default) or digits (sklearn's 8x8 digits, a CNN trained from scratch)")  # fmt: skip
+    p.add_argument("--data", type=Path, help="CSV, TSV, JSONL or Parquet with text and label columns")
+    p.add_argument("--out", type=Path, required=True, help="run directory to write")
+    p.add_argument("--val-data", type=Path, help="explicit validation set (default: a stratified split of --data)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of --data held out (default 0.2)")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--config", type=Path, help="TOML file whose [train] table sets any hyperparameter below")
+    p.add_argument("--base-model", help="hub id or local directory (default: the packaged MiniLM)")
+    p.add_argument("--epochs", type=float, help="default 8")
+    p.add_argument("--batch-size", type=int, help="default 16")
+    p.add_argument("--learning-rate", type=float, help="default 2e-4")
+    p.add_argument("--weight-decay", type=float, help="default 0.01")
+    p.add_argument("--warmup-ratio", type=float, help="default 0.1")
+    p.add_argument("--max-length", type=int, help="tokens; default 64")
+    p.add_argument("--max-steps", type=int, help="stop after N steps (default: no limit)")
+    p.add_argument("--seed", type=int, help="default 42; the same seed reproduces the model")
+    p.add_argument("--freeze-base", action="store_true", default=None, help="train only the classification head")
+    p.set_defaults(func=_cmd_train)
+
+
+def _add_export(sub: Any) -> None:
+    from_registry = "registry directory (default: $EDGELOOP_REGISTRY or ~/.edgeloop/registry)"
+    p = sub.add_parser("export", help="export a training run through the gates into the model registry")
+    p.add_argument("--run", type=Path, required=True, help="run directory from `cloud-train train`")
+    p.add_argument("--model", default="intents", help="model name in the fleet (default intents)")
+    p.add_argument("--version", type=int, help="default: the next version")
+    p.add_argument("--quantize", choices=["dynamic-int8", "static-int8", "fp16", "none"], default="dynamic-int8")
+    p.add_argument("--target", choices=["avx2", "avx512_vnni", "arm64"], default="avx2",
+                   help="CPU preset for dynamic int8 (default avx2)")  # fmt: skip
+    p.add_argument("--max-accuracy-drop", type=float, default=1.0, help="quantization gate in accuracy points")
+    p.add_argument("--registry", type=Path, help=from_registry)
+    p.set_defaults(func=_cmd_export)
+
+
+def _add_push(sub: Any) -> None:
+    p = sub.add_parser("push", help="publish a registered version to a fleet as a signed, retained release")
+    p.add_argument("ref", help="MODEL or MODEL:VERSION from the registry (default version: the newest)")
+    p.add_argument("--fleet", required=True)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--group", help="only this group of the fleet")
+    where.add_argument("--device", help="only this device")
+    p.add_argument("--canary", type=float, metavar="PERCENT", help="only this share of the targeted devices")
+    p.add_argument("--artifact-url", help="devices fetch the bundle from this http(s) directory, not MQTT chunks")
+    p.add_argument("--key", type=Path, required=True, help="ed25519 signing key (PEM)")
+    p.add_argument("--broker", type=parse_broker, default=parse_broker(DEFAULT_BROKER), help="HOST:PORT")
+    p.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], default="5")
+    p.add_argument("--registry", type=Path, help="registry directory")
+    p.set_defaults(func=_cmd_push)
+
+
+def _add_models(sub: Any) -> None:
+    p = sub.add_parser("models", help="the model registry: list, show, diff")
+    p.add_argument("--registry", type=Path, help="registry directory")
+    models = p.add_subparsers(dest="models_command", required=True)
+    models.add_parser("list", help="every registered version")
+    show = models.add_parser("show", help="one version's record and manifest")
+    show.add_argument("ref", help="MODEL[:VERSION]")
+    compare = models.add_parser("diff", help="what changed between two versions")
+    compare.add_argument("a", help="MODEL:VERSION")
+    compare.add_argument("b", help="MODEL:VERSION")
+    p.set_defaults(func=_cmd_models)
+
+
+def _add_misc(sub: Any) -> None:
+    keygen = sub.add_parser("keygen", help="create an ed25519 release-signing key pair")
+    keygen.add_argument("--out", type=Path, required=True, help="directory for the key files")
+    keygen.add_argument("--name", default="release")
+    keygen.set_defaults(func=_cmd_keygen)
+
+    demo = sub.add_parser("demo", help="the whole loop on this machine: train, export, push, serve")
+    demo.add_argument("--broker", type=parse_broker, help="use this broker (HOST:PORT) instead of starting one")
+    demo.add_argument("--broker-kind", choices=["auto", "mosquitto", "amqtt"], default="auto",
+                      help="which broker to start when --broker is not given")  # fmt: skip
+    demo.add_argument("--workdir", type=Path, default=Path("demo-run"), help="scratch directory (wiped first)")
+    demo.add_argument("--epochs", type=float, default=8.0)
+    demo.add_argument("--max-steps", type=int, default=-1, help="cap training steps (quick runs)")
+    demo.set_defaults(func=_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cloud-train", description="Train, export, sign and push edge models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_export, _add_push, _add_models, _add_misc):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        code: int = args.func(args)
+    except BrokerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except CloudTrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from export.errors import ExportError
+
+        if isinstance(exc, ExportError):
+            print(f"error: export failed: {exc}", file=sys.stderr)
+            return 2
+        raise
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,201 @@
+"""The composition root: builds the agent's subsystems from config, starts them in order, stops them
+in reverse. Subsystems meet here and nowhere else."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import datetime, timezone
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from paho.mqtt.client import MQTTMessageInfo
+
+from edge_agent.config import AgentConfig, ConfigError
+from edge_agent.fetch import ChunkFetcher
+from edge_agent.protocol.errors import ProtocolError
+from edge_agent.protocol.release import key_id_of, load_public_key
+from edge_agent.protocol.state import DeviceState
+from edge_agent.protocol.topics import Topics
+from edge_agent.runtime import HealthCheckError, ModelHolder, ModelLoadError
+from edge_agent.serving import InferenceServer, ServingMetrics
+from edge_agent.serving.mqtt import MqttInference
+from edge_agent.store import ModelStore
+from edge_agent.telemetry import TelemetryPublisher
+from edge_agent.transport import MqttTransport
+from edge_agent.updater import StateChange, Updater, load_verified
+from edge_agent.watch import HealthWatch
+
+log = logging.getLogger(__name__)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def load_trusted_keys(config: AgentConfig) -> dict[str, Ed25519PublicKey]:
+    keys: dict[str, Ed25519PublicKey] = {}
+    for path in config.update.trusted_keys:
+        try:
+            key = load_public_key(path)
+        except ValueError as exc:
+            raise ConfigError(f"update.trusted_keys: {exc}") from None
+        keys[key_id_of(key)] = key
+    return keys
+
+
+class Agent:
+    """The edge agent: MQTT updates in, verified models served over HTTP, state reported out."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.topics = Topics(fleet=config.fleet, root=config.mqtt.topic_root)
+        self.store = ModelStore(state_dir=config.state_dir, model=config.model)
+        self.holder = ModelHolder()
+        self._state_lock = threading.Lock()
+        self._state = DeviceState(
+            device=config.device_id, fleet=config.fleet, online=True, model=config.model, updated_at=_now()
+        )
+        self._state_topic = self.topics.device_state(config.device_id)
+        offline = self._state.model_copy(update={"online": False})
+        self.transport = MqttTransport(
+            host=config.mqtt.host,
+            port=config.mqtt.port,
+            client_id=config.mqtt.client_id or f"edge-agent-{config.device_id}",
+            keepalive_s=config.mqtt.keepalive_s,
+            protocol=config.mqtt.protocol,
+            will=(self._state_topic, offline.to_bytes()),
+        )
+        fetcher = ChunkFetcher(
+            transport=self.transport,
+            topics=self.topics,
+            store=self.store,
+            timeout_s=config.update.chunk_timeout_s,
+            window=config.update.chunk_window,
+        )
+        self.watch = HealthWatch(
+            window_s=config.update.watch_s,
+            max_error_rate=config.update.max_error_rate,
+            min_requests=config.update.min_requests,
+            on_breach=lambda version, reason: self.updater.request_rollback(version, reason),  # noqa: PLW0108 - built below
+        )
+        self.updater = Updater(
+            config=config,
+            store=self.store,
+            fetcher=fetcher,
+            holder=self.holder,
+            trusted_keys=load_trusted_keys(config),
+            report=self._on_update,
+            on_activated=self.watch.watch,
+        )
+        self.metrics = ServingMetrics()
+        self.server = InferenceServer(
+            config=config.http,
+            serving=config.serving,
+            holder=self.holder,
+            model_name=config.model,
+            metrics=self.metrics,
+            on_result=self.watch.record,
+        )
+        self.mqtt_inference = MqttInference(
+            server=self.server, transport=self.transport, topic=self.topics.device_infer(config.device_id)
+        )
+        telemetry_topic = self.topics.device_telemetry(config.device_id)
+        self.telemetry = TelemetryPublisher(
+            interval_s=config.serving.telemetry_interval_s,
+            metrics=self.metrics,
+            publish=lambda payload: self._publish_if_connected(telemetry_topic, payload),
+            describe=self._describe,
+        )
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._serve_installed()
+        self.server.start()
+        self.updater.start()
+        if self.config.serving.mqtt_inference:
+            self.mqtt_inference.start()
+        self.telemetry.start()
+        self.transport.on_connected(self._republish_state)
+        for topic in self.topics.release_topics_for(
+            device=self.config.device_id, group=self.config.group, model=self.config.model
+        ):
+            self.transport.subscribe(topic, self.updater.submit)
+        self.transport.start()
+
+    def stop(self) -> None:
+        with self._state_lock:
+            self._state = self._state.model_copy(update={"online": False, "updated_at": _now()})
+        info = self._publish_state()
+        if info is not None:
+            info.wait_for_publish(timeout=2.0)
+        self.telemetry.stop()
+        self.updater.stop()
+        self.server.stop()
+        self.transport.stop()
+
+    # -- start-up ---------------------------------------------------------------------------------
+    def _serve_installed(self) -> None:
+        """Serve the active version, verified again; if it fails, fall back to an older installed one."""
+        active = self.store.active_version()
+        candidates = [active] if active else []
+        candidates += [v for v in reversed(self.store.installed_versions()) if v != active]
+        for version in candidates:
+            try:
+                model = load_verified(self.store.version_dir(version), self.config)
+            except (ProtocolError, ModelLoadError, HealthCheckError) as exc:
+                log.error("installed version %s is unusable: %s", version, exc)
+                self._set_state(last_error=f"installed version {version} is unusable: {exc}", publish=False)
+                continue
+            if version != active:
+                self.store.activate(version)
+            self.holder.swap(model)
+            self._set_state(active_version=version, previous_version=self.updater.previous_version, publish=False)
+            log.info("serving installed version %s", version)
+            return
+        log.info("no installed model yet; waiting for a release")
+
+    # -- reported state ---------------------------------------------------------------------------
+    def state(self) -> DeviceState:
+        return self._state
+
+    def _on_update(self, change: StateChange) -> None:
+        fields: dict[str, Any] = {
+            "update_state": change.state,
+            "update_version": change.version,
+            "progress": change.progress,
+        }
+        if change.bytes_transferred is not None:
+            fields["bytes_transferred"] = change.bytes_transferred
+        if change.error:
+            fields["last_error"] = change.error
+        if change.active is not None:
+            fields["active_version"] = change.active
+            fields["previous_version"] = self.updater.previous_version
+        if change.state == "active" and not change.error:
+            fields["last_error"] = None
+        self._set_state(**fields)
+
+    def _set_state(self, *, publish: bool = True, **fields: Any) -> None:
+        with self._state_lock:
+            self._state = self._state.model_copy(update={**fields, "updated_at": _now()})
+        if publish:
+            self._publish_state()
+
+    def _describe(self) -> tuple[str, str, str, int | None, int]:
+        model = self.holder.get()
+        cfg = self.config
+        return cfg.device_id, cfg.fleet, cfg.model, model.version if model else None, self.server.batcher.depth
+
+    def _publish_if_connected(self, topic: str, payload: bytes) -> None:
+        if self.transport.connected.is_set():
+            self.transport.publish(topic, payload, qos=0)
+
+    def _republish_state(self) -> None:
+        """After every (re)connect: the retained state may still say offline from the last will."""
+        self._publish_state()
+
+    def _publish_state(self) -> MQTTMessageInfo | None:
+        if not self.transport.connected.is_set():
+            return None  # published again on connect
+        return self.transport.publish(self._state_topic, self._state.to_bytes(), qos=1, retain=True)

@@ -1,0 +1,105 @@
+"""``edge-agent``: run the daemon, or check a config file.
+
+    edge-agent run --config /etc/edge-agent/agent.toml
+    edge-agent check-config /etc/edge-agent/agent.toml
+
+Signals are handled here and only here: SIGTERM and SIGINT stop the agent cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from edge_agent import __version__
+
+
+def _setup_logging(level: str) -> None:
+    # Under systemd, journald adds its own timestamps; elsewhere a terminal wants them.
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if "JOURNAL_STREAM" not in os.environ:
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from edge_agent.app import load_trusted_keys
+    from edge_agent.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+        keys = load_trusted_keys(config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(config.model_dump_json(indent=2))
+    print(f"trusted release keys: {', '.join(sorted(keys))}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from edge_agent.app import Agent
+    from edge_agent.config import ConfigError, load_config
+
+    _setup_logging(args.log_level)
+    log = logging.getLogger("edge_agent")
+    try:
+        config = load_config(args.config)
+        agent = Agent(config)
+        agent.start()
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    host, port = agent.server.address
+    log.info(
+        "edge-agent %s serving on http://%s:%s (device %s, fleet %s)",
+        __version__,
+        host,
+        port,
+        config.device_id,
+        config.fleet,
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s; stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stop.wait()
+    agent.stop()
+    log.info("stopped")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description="edgeloop on-device inference agent")
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the agent until SIGTERM")
+    run.add_argument("--config", type=Path, required=True, help="agent TOML config")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.set_defaults(func=_cmd_run)
+    check = sub.add_parser("check-config", help="validate a config file and print what will be used")
+    check.add_argument("config", type=Path)
+    check.set_defaults(func=_cmd_check_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

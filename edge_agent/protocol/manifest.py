@@ -1,0 +1,198 @@
+"""The model bundle: a directory of plain files described by ``manifest.json``.
+
+The manifest names every file with its size, sha256 and the content-addressed chunks it travels
+in, the model's input/output signature, preprocessing, labels, golden vectors, metrics and
+lineage. A release points at one manifest by its sha256, so the signature on the release covers
+every byte of the bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edge_agent.protocol.errors import IntegrityError, MalformedPayload, UnsafePath
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_SCHEMA = "edgeloop.manifest/1"
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="lowercase hex sha256")]
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path, *, block: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def safe_relative_path(name: str) -> PurePosixPath:
+    """Return ``name`` as a relative path that stays inside a bundle directory, or raise ``UnsafePath``."""
+    if not name or "\\" in name or "\x00" in name:
+        raise UnsafePath(f"bundle file name {name!r} is empty or contains a backslash or NUL")
+    path = PurePosixPath(name)
+    if path.is_absolute() or any(part in ("..", ".", "") for part in path.parts) or name != str(path):
+        raise UnsafePath(f"bundle file name {name!r} escapes the bundle directory or is not normalised")
+    return path
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FileEntry(_Frozen):
+    """One file of the bundle."""
+
+    path: str = Field(description="relative POSIX path inside the bundle")
+    size: int = Field(ge=0, description="bytes")
+    sha256: Sha256
+    chunks: list[Sha256] = Field(description="sha256 of each chunk, in order; their bytes concatenated are the file")
+
+    @field_validator("path")
+    @classmethod
+    def _path_is_safe(cls, value: str) -> str:
+        try:
+            safe_relative_path(value)
+        except UnsafePath as exc:
+            raise ValueError(str(exc)) from None  # pydantic reports ValueError as a validation error
+        return value
+
+
+class TensorSpec(_Frozen):
+    name: str
+    dtype: str = Field(description="numpy dtype name, e.g. int64, float32, string")
+    shape: list[int | str] = Field(description="dimensions; a string names a dynamic axis")
+
+
+class TextPreprocessing(_Frozen):
+    kind: Literal["text"] = "text"
+    tokenizer: str = Field(description="bundle path of a Hugging Face tokenizers JSON file")
+    max_length: int = Field(gt=0, le=8192)
+    pad_token: str = "[PAD]"
+    lowercase: bool = Field(default=False, description="lowercase before tokenizing (if the tokenizer does not)")
+
+
+class ImagePreprocessing(_Frozen):
+    """Numeric image input: ``(pixels * scale - mean) / std`` per channel, laid out as the model wants."""
+
+    kind: Literal["image"] = "image"
+    height: int = Field(gt=0, le=8192)
+    width: int = Field(gt=0, le=8192)
+    channels: int = Field(gt=0, le=4)
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    scale: float = Field(default=1.0, description="multiplies raw pixel values first (e.g. 1/255)")
+    mean: list[float] = Field(description="one per channel, subtracted after scaling")
+    std: list[float] = Field(description="one per channel, divides after the mean")
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> ImagePreprocessing:
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError("mean and std need one value per channel")
+        if any(s == 0 for s in self.std):
+            raise ValueError("std must not be zero")
+        return self
+
+
+Preprocessing = Annotated[TextPreprocessing | ImagePreprocessing, Field(discriminator="kind")]
+
+
+class Lineage(_Frozen):
+    base_model: str
+    dataset_sha256: str | None = None
+    parent_version: int | None = None
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class Manifest(_Frozen):
+    """``manifest.json``: what a bundle is and how to run it."""
+
+    schema_: Literal["edgeloop.manifest/1"] = Field(default=MANIFEST_SCHEMA, alias="schema")  # type: ignore[arg-type]
+    model: str
+    version: int = Field(ge=1)
+    created_at: str
+    task: Literal["text-classification", "image-classification"]
+    model_file: str = Field(description="bundle path of the ONNX model to serve")
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    opset: int
+    min_onnxruntime: str
+    execution_providers: list[str]
+    quantization: str = Field(description="e.g. none, dynamic-int8")
+    preprocessing: Preprocessing
+    labels: list[str] = Field(min_length=2)
+    golden_file: str = Field(description="bundle path of golden test vectors (JSON)")
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    lineage: Lineage
+    files: list[FileEntry] = Field(min_length=1)
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _referenced_files_exist(self) -> Manifest:
+        names = [entry.path for entry in self.files]
+        if len(set(names)) != len(names):
+            raise ValueError("manifest lists a file twice")
+        refs = [self.model_file, self.golden_file]
+        if isinstance(self.preprocessing, TextPreprocessing):
+            refs.append(self.preprocessing.tokenizer)
+        expected_kind = {"text-classification": "text", "image-classification": "image"}[self.task]
+        if self.preprocessing.kind != expected_kind:
+            raise ValueError(f"task {self.task} needs {expected_kind} preprocessing, not {self.preprocessing.kind}")
+        for ref in refs:
+            if ref not in names:
+                raise ValueError(f"manifest refers to {ref!r}, which is not in its file list")
+        return self
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(entry.size for entry in self.files)
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.model_dump(by_alias=True), indent=2, sort_keys=True).encode() + b"\n"
+
+    @classmethod
+    def parse(cls, data: bytes, *, origin: str = "manifest") -> Manifest:
+        try:
+            return cls.model_validate_json(data)
+        except ValidationError as exc:
+            raise MalformedPayload(f"{origin} is not a valid {MANIFEST_SCHEMA}: {_first_error(exc)}") from None
+
+    @classmethod
+    def read(cls, bundle_dir: Path) -> Manifest:
+        path = bundle_dir / MANIFEST_NAME
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise MalformedPayload(f"cannot read {path}: {exc.strerror}") from None
+        return cls.parse(data, origin=str(path))
+
+
+def verify_bundle_files(bundle_dir: Path, manifest: Manifest) -> None:
+    """Check that every file in ``manifest`` is in ``bundle_dir`` with its declared size and sha256."""
+    for entry in manifest.files:
+        path = bundle_dir / safe_relative_path(entry.path)
+        try:
+            size = path.stat().st_size
+        except OSError:
+            raise IntegrityError(f"bundle file {entry.path!r} is missing") from None
+        if size != entry.size:
+            raise IntegrityError(f"bundle file {entry.path!r} has {size} bytes, the manifest says {entry.size}")
+        actual = sha256_file(path)
+        if actual != entry.sha256:
+            raise IntegrityError(
+                f"bundle file {entry.path!r} has sha256 {actual[:12]}…, the manifest says {entry.sha256[:12]}…"
+            )
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(part) for part in err["loc"]) or "payload"
+    return f"{where}: {err['msg']} ({exc.error_count()} problem(s))"

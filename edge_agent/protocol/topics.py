@@ -1,0 +1,96 @@
+"""MQTT topic names: the one place they are spelled.
+
+Layout (``{root}`` is ``edgeloop/v1`` unless configured)::
+
+    {root}/{fleet}/releases/{model}                          retained signed release, whole fleet
+    {root}/{fleet}/groups/{group}/releases/{model}           retained signed release, one group
+    {root}/{fleet}/devices/{device}/releases/{model}         retained signed release, one device
+    {root}/{fleet}/chunks/{sha256}                           retained artifact chunk, content-addressed
+    {root}/{fleet}/devices/{device}/state                    retained reported state (and last will)
+    {root}/{fleet}/devices/{device}/telemetry                periodic telemetry
+    {root}/{fleet}/devices/{device}/infer                    MQTT 5 inference requests (response topic +
+                                                             correlation data)
+
+A device reads only its fleet's releases and chunks and writes only under its own device topic,
+which is what the broker ACLs (deployment) enforce.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+DEFAULT_ROOT = "edgeloop/v1"
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_segment(kind: str, value: str) -> str:
+    """Return ``value`` if it is a safe single topic segment, else raise ``ValueError`` naming it."""
+    if not _SEGMENT.fullmatch(value):
+        raise ValueError(
+            f"{kind} {value!r} is not a valid name: use 1-64 characters from A-Z a-z 0-9 _ . -, "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class Topics:
+    """Topic builder for one fleet.
+
+    Args:
+        fleet: the fleet name.
+        root: the topic prefix shared by the whole product.
+    """
+
+    fleet: str
+    root: str = DEFAULT_ROOT
+
+    def __post_init__(self) -> None:
+        check_segment("fleet", self.fleet)
+
+    @property
+    def base(self) -> str:
+        return f"{self.root}/{self.fleet}"
+
+    def fleet_release(self, model: str) -> str:
+        return f"{self.base}/releases/{check_segment('model', model)}"
+
+    def group_release(self, group: str, model: str) -> str:
+        return f"{self.base}/groups/{check_segment('group', group)}/releases/{check_segment('model', model)}"
+
+    def device_release(self, device: str, model: str) -> str:
+        return f"{self.base}/devices/{check_segment('device', device)}/releases/{check_segment('model', model)}"
+
+    def chunk(self, sha256: str) -> str:
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            raise ValueError(f"chunk id {sha256!r} is not a lowercase hex sha256")
+        return f"{self.base}/chunks/{sha256}"
+
+    def device_state(self, device: str) -> str:
+        return f"{self.base}/devices/{check_segment('device', device)}/state"
+
+    def device_telemetry(self, device: str) -> str:
+        return f"{self.base}/devices/{check_segment('device', device)}/telemetry"
+
+    def device_infer(self, device: str) -> str:
+        return f"{self.base}/devices/{check_segment('device', device)}/infer"
+
+    def release_topics_for(self, *, device: str, group: str | None, model: str) -> list[str]:
+        """The release topics a device subscribes to, least specific first."""
+        topics = [self.fleet_release(model)]
+        if group:
+            topics.append(self.group_release(group, model))
+        topics.append(self.device_release(device, model))
+        return topics
+
+    def specificity(self, topic: str) -> int:
+        """0 for a fleet release topic, 1 for a group, 2 for a device; -1 if it is none of them."""
+        if topic.startswith(f"{self.base}/devices/"):
+            return 2
+        if topic.startswith(f"{self.base}/groups/"):
+            return 1
+        if topic.startswith(f"{self.base}/releases/"):
+            return 0
+        return -1

@@ -1,0 +1,47 @@
+"""Inference: onnxruntime sessions and the bundle's pre/post-processing, in numpy and tokenizers only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edge_agent.protocol.manifest import Manifest
+from edge_agent.runtime.classifier import Classifier, HealthCheckError, InputError, Prediction, softmax
+from edge_agent.runtime.holder import ModelHolder
+from edge_agent.runtime.image import ImageClassifier
+from edge_agent.runtime.session import ModelLoadError, choose_providers, open_session
+from edge_agent.runtime.text import TextClassifier
+
+
+def load_classifier(
+    bundle_dir: Path,
+    manifest: Manifest,
+    *,
+    providers: list[str],
+    intra_op_threads: int = 1,
+    inter_op_threads: int = 1,
+) -> Classifier:
+    """The classifier for the bundle's task."""
+    kind = {"text-classification": TextClassifier, "image-classification": ImageClassifier}[manifest.task]
+    return kind(
+        bundle_dir=bundle_dir,
+        manifest=manifest,
+        providers=providers,
+        intra_op_threads=intra_op_threads,
+        inter_op_threads=inter_op_threads,
+    )
+
+
+__all__ = [
+    "Classifier",
+    "HealthCheckError",
+    "ImageClassifier",
+    "InputError",
+    "ModelHolder",
+    "ModelLoadError",
+    "Prediction",
+    "TextClassifier",
+    "choose_providers",
+    "load_classifier",
+    "open_session",
+    "softmax",
+]

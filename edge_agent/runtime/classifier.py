@@ -1,0 +1,120 @@
+"""What every served classifier shares: the onnxruntime session, softmax, labels, golden vectors."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from edge_agent.protocol.manifest import Manifest, safe_relative_path
+from edge_agent.runtime.session import open_session
+
+Feeds = dict[str, npt.NDArray[Any]]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    score: float
+    scores: dict[str, float]
+
+
+class HealthCheckError(Exception):
+    """A freshly loaded model does not reproduce its golden vectors, or gives non-finite outputs."""
+
+
+class InputError(ValueError):
+    """An input a model cannot take (wrong shape, type or size); the message names the problem."""
+
+
+def softmax(logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    result: npt.NDArray[np.float32] = exp / exp.sum(axis=-1, keepdims=True)
+    return result
+
+
+class Classifier(ABC):
+    """A loaded classification bundle, ready to serve.
+
+    Thread-safe: onnxruntime sessions may be run from several threads, and pre-processing only
+    reads shared state. Subclasses turn raw inputs into feeds (:meth:`feeds`) and golden-vector
+    records back into raw inputs (:meth:`golden_inputs`).
+    """
+
+    def __init__(
+        self,
+        *,
+        bundle_dir: Path,
+        manifest: Manifest,
+        providers: list[str],
+        intra_op_threads: int = 1,
+        inter_op_threads: int = 1,
+    ) -> None:
+        self.bundle_dir = bundle_dir
+        self.manifest = manifest
+        self.version = manifest.version
+        self.labels = list(manifest.labels)
+        self.session = open_session(
+            bundle_dir / safe_relative_path(manifest.model_file),
+            providers=providers,
+            intra_op_threads=intra_op_threads,
+            inter_op_threads=inter_op_threads,
+        )
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    @abstractmethod
+    def feeds(self, inputs: Sequence[Any]) -> Feeds:
+        """Pre-process raw inputs (texts, images) into the session's feeds; raise ``InputError``."""
+
+    @abstractmethod
+    def golden_inputs(self, records: list[Any]) -> list[Any]:
+        """Turn the JSON records of ``golden.json`` back into raw inputs."""
+
+    def logits(self, inputs: Sequence[Any]) -> npt.NDArray[np.float32]:
+        outputs = self.session.run(None, self.feeds(inputs))
+        logits: npt.NDArray[np.float32] = np.asarray(outputs[0], dtype=np.float32)
+        return logits
+
+    def probabilities(self, inputs: Sequence[Any]) -> npt.NDArray[np.float32]:
+        return softmax(self.logits(inputs))
+
+    def predict(self, inputs: Sequence[Any]) -> list[Prediction]:
+        probs = self.probabilities(inputs)
+        results = []
+        for row in probs:
+            best = int(row.argmax())
+            results.append(
+                Prediction(
+                    label=self.labels[best],
+                    score=float(row[best]),
+                    scores={label: float(p) for label, p in zip(self.labels, row, strict=True)},
+                )
+            )
+        return results
+
+    def health_check(self, *, atol: float) -> None:
+        """Reproduce the golden vectors the exporter recorded, or raise ``HealthCheckError``."""
+        path = self.bundle_dir / safe_relative_path(self.manifest.golden_file)
+        try:
+            golden = json.loads(path.read_text())
+            inputs = self.golden_inputs(list(golden["inputs"]))
+            expected = np.asarray(golden["probabilities"], dtype=np.float32)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise HealthCheckError(f"golden vectors {path.name} are unreadable: {exc}") from None
+        if not inputs:
+            raise HealthCheckError("golden vectors hold no inputs")
+        actual = self.probabilities(inputs)
+        if actual.shape != expected.shape:
+            raise HealthCheckError(f"model output shape {actual.shape} differs from golden {expected.shape}")
+        if not np.isfinite(actual).all():
+            raise HealthCheckError("model gives NaN or infinite outputs on its golden inputs")
+        worst = float(np.abs(actual - expected).max())
+        if worst > atol:
+            raise HealthCheckError(f"golden vectors differ by {worst:.4f} (tolerance {atol})")

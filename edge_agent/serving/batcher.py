@@ -1,0 +1,159 @@
+"""Dynamic batching: concurrent requests share one onnxruntime run.
+
+Requests wait in a bounded queue; one worker takes the first, then whatever else is queued (up
+to ``max_batch`` items, waiting at most ``max_delay_ms`` for more), runs the model once, and
+hands each request its slice. A lone request is run at once, so sequential latency does not
+grow; under load, batches form by themselves while the previous one runs. A full queue refuses
+new work with :class:`Overloaded` rather than growing without bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from edge_agent.runtime import Classifier, Prediction
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    """The request queue is full; the caller should retry later."""
+
+
+class NoModel(Exception):
+    """No verified model is active yet."""
+
+
+@dataclass
+class _Job:
+    inputs: list[Any]
+    future: Future[tuple[int, list[Prediction]]]
+
+
+class Batcher:
+    """Runs inference for many callers through one worker thread.
+
+    Args:
+        model: returns the model that serves now (it may be swapped at any time).
+        max_batch: the most inputs one run takes.
+        max_delay_ms: how long the worker may wait to fill a batch (0: take only what is queued).
+        queue_size: the most requests waiting; beyond it, :class:`Overloaded`.
+        on_batch: told the size of each batch run (metrics).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: Callable[[], Classifier | None],
+        max_batch: int,
+        max_delay_ms: float,
+        queue_size: int,
+        on_batch: Callable[[int], None] = lambda _size: None,
+    ) -> None:
+        self._model = model
+        self._max_batch = max_batch
+        self._max_delay_s = max_delay_ms / 1000
+        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_size)
+        self._on_batch = on_batch
+        self._inline = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+        self.heartbeat = time.monotonic()  # the worker's last sign of life (the systemd watchdog reads it)
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+
+    def submit(self, inputs: list[Any]) -> Future[tuple[int, list[Prediction]]]:
+        """Queue ``inputs``; the future gives ``(model version, predictions)`` or raises."""
+        job = _Job(inputs, Future())
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise Overloaded(f"inference queue is full ({self._queue.maxsize} requests waiting)") from None
+        return job.future
+
+    def try_inline(self, inputs: list[Any]) -> tuple[int, list[Prediction]] | None:
+        """Run ``inputs`` on the caller's thread if nothing is queued or running there; else ``None``.
+
+        The inline path spares a lone request two thread hand-offs; under load the worker
+        batches what queues up while an inline run goes on beside it (sessions are thread-safe).
+        """
+        if not self._queue.empty() or not self._inline.acquire(blocking=False):
+            return None
+        try:
+            model = self._model()
+            if model is None:
+                raise NoModel("no verified model is active yet")
+            self._on_batch(len(inputs))
+            return model.version, model.predict(inputs)
+        finally:
+            self._inline.release()
+
+    def predict(self, inputs: list[Any], timeout_s: float = 30.0) -> tuple[int, list[Prediction]]:
+        """Inline when possible, else through the queue; blocks until done."""
+        inline = self.try_inline(inputs)
+        return inline if inline is not None else self.submit(inputs).result(timeout=timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            self.heartbeat = time.monotonic()
+            try:
+                first = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if first is None:
+                return
+            jobs = [first]
+            size = len(first.inputs)
+            deadline = time.monotonic() + self._max_delay_s
+            while size < self._max_batch:
+                try:
+                    remaining = deadline - time.monotonic()
+                    job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    self._queue.put(None)
+                    break
+                if size + len(job.inputs) > self._max_batch:
+                    self._run_batch([job])  # too big to join: it runs on its own, right after
+                    continue
+                jobs.append(job)
+                size += len(job.inputs)
+            self._run_batch(jobs)
+
+    def _run_batch(self, jobs: list[_Job]) -> None:
+        model = self._model()
+        if model is None:
+            for job in jobs:
+                job.future.set_exception(NoModel("no verified model is active yet"))
+            return
+        inputs = [item for job in jobs for item in job.inputs]
+        self._on_batch(len(inputs))
+        try:
+            predictions = model.predict(inputs)
+        except Exception as exc:  # noqa: BLE001 - handed to each caller, who answers it
+            if len(jobs) > 1:  # one caller's bad input must not fail the others: retry each alone
+                for job in jobs:
+                    self._run_batch([job])
+                return
+            jobs[0].future.set_exception(exc)
+            return
+        start = 0
+        for job in jobs:
+            job.future.set_result((model.version, predictions[start : start + len(job.inputs)]))
+            start += len(job.inputs)

@@ -1,0 +1,214 @@
+"""The Open Inference Protocol (KServe v2, as spoken by Triton and MLServer): infer request and
+response codecs, JSON and the binary tensor extension, so ``tritonclient.http`` and ``curl`` work.
+
+A text model takes one input ``text`` (BYTES, shape ``[N]``); an image model one input ``image``
+(FP32 or another numeric type, shape ``[N, H, W]`` or ``[N, H, W, C]``). Both answer ``label``
+(BYTES ``[N]``) and ``probabilities`` (FP32 ``[N, C]``).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from edge_agent.protocol.manifest import ImagePreprocessing, Manifest
+from edge_agent.runtime.classifier import Prediction
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+NUMERIC = {
+    "FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT8": np.int8, "INT16": np.int16,
+    "INT32": np.int32, "INT64": np.int64, "UINT8": np.uint8, "UINT16": np.uint16,
+}  # fmt: skip
+
+
+class ProtocolViolation(Exception):
+    """A request the protocol or the model cannot take; ``status`` is the HTTP answer."""
+
+    def __init__(self, message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    id: str | None
+    inputs: list[Any]  # texts, or images as arrays
+    binary_outputs: set[str] = field(default_factory=set)
+    requested: list[str] = field(default_factory=list)
+
+
+def input_spec(manifest: Manifest) -> dict[str, Any]:
+    pre = manifest.preprocessing
+    if isinstance(pre, ImagePreprocessing):
+        dims = [pre.height, pre.width] + ([pre.channels] if pre.channels > 1 else [])
+        return {"name": "image", "datatype": "FP32", "shape": [-1, *dims]}
+    return {"name": "text", "datatype": "BYTES", "shape": [-1]}
+
+
+def model_metadata(name: str, manifest: Manifest) -> dict[str, Any]:
+    return {
+        "name": name,
+        "versions": [str(manifest.version)],
+        "platform": "onnxruntime_onnx",
+        "inputs": [input_spec(manifest)],
+        "outputs": [
+            {"name": "label", "datatype": "BYTES", "shape": [-1]},
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(manifest.labels)]},
+        ],
+        "parameters": {"labels": manifest.labels, "quantization": manifest.quantization, "task": manifest.task},
+    }
+
+
+def decode_request(body: bytes, header_length: str | None, manifest: Manifest, *, max_items: int) -> InferRequest:
+    """Parse an infer request (JSON, or JSON plus binary tensors) for ``manifest``'s model."""
+    if header_length is not None:
+        try:
+            split = int(header_length)
+        except ValueError:
+            raise ProtocolViolation(f"{HEADER_LENGTH} {header_length!r} is not a number") from None
+        if not 0 < split <= len(body):
+            raise ProtocolViolation(f"{HEADER_LENGTH} {split} does not fit a body of {len(body)} bytes")
+        head, binary = body[:split], body[split:]
+    else:
+        head, binary = body, b""
+    try:
+        request = json.loads(head)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolViolation(f"request is not valid JSON: {exc}") from None
+    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
+        raise ProtocolViolation('request must be a JSON object with an "inputs" list')
+    spec = input_spec(manifest)
+    tensors = {t.get("name"): t for t in request["inputs"] if isinstance(t, dict)}
+    if len(tensors) != len(request["inputs"]):
+        raise ProtocolViolation("every input must be an object with a unique name")
+    if set(tensors) != {spec["name"]}:
+        raise ProtocolViolation(f"this model takes exactly one input {spec['name']!r}; got {sorted(map(str, tensors))}")
+    tensor = tensors[spec["name"]]
+    inputs = _decode_tensor(tensor, binary, spec, manifest, max_items=max_items)
+    outputs = request.get("outputs") or []
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) and "name" in o for o in outputs):
+        raise ProtocolViolation('"outputs" must be a list of objects with a name')
+    unknown = {o["name"] for o in outputs} - {"label", "probabilities"}
+    if unknown:
+        raise ProtocolViolation(f"unknown output(s) {sorted(unknown)}; this model has label, probabilities")
+    default_binary = bool((request.get("parameters") or {}).get("binary_data_output", False))
+    requested = [o["name"] for o in outputs] or ["label", "probabilities"]
+    binary_outputs = {o["name"] for o in outputs if (o.get("parameters") or {}).get("binary_data", default_binary)} or (
+        set(requested) if default_binary else set()
+    )
+    request_id = request.get("id")
+    return InferRequest(id=str(request_id) if request_id is not None else None, inputs=inputs,
+                        binary_outputs=binary_outputs, requested=requested)  # fmt: skip
+
+
+def _decode_tensor(
+    tensor: dict[str, Any], binary: bytes, spec: dict[str, Any], manifest: Manifest, *, max_items: int
+) -> list[Any]:
+    name = tensor["name"]
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ProtocolViolation(f"input {name!r}: shape must be a list of non-negative integers")
+    if shape[0] > max_items:
+        raise ProtocolViolation(
+            f"input {name!r}: batch of {shape[0]}; the limit is {max_items}", HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+        )
+    count = int(np.prod(shape))
+    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    if spec["datatype"] == "BYTES":
+        return _decode_texts(tensor, binary, shape, count, size)
+    return _decode_numeric(tensor, binary, spec, shape, count=count, size=size)
+
+
+def _decode_texts(tensor: dict[str, Any], binary: bytes, shape: list[int], count: int, size: int | None) -> list[Any]:
+    name, datatype = tensor["name"], tensor.get("datatype")
+    if datatype != "BYTES":
+        raise ProtocolViolation(f"input {name!r} must be BYTES (text), not {datatype}")
+    if len(shape) != 1:
+        raise ProtocolViolation(f"input {name!r}: shape must be [N], got {shape}")
+    texts = _bytes_elements(binary[:size], count) if size is not None else tensor.get("data")
+    if not isinstance(texts, list) or len(texts) != count:
+        raise ProtocolViolation(f"input {name!r}: shape {shape} needs {count} elements")
+    try:
+        return [t.decode() if isinstance(t, bytes) else _text(t) for t in texts]
+    except UnicodeDecodeError:
+        raise ProtocolViolation(f"input {name!r}: text is not valid UTF-8") from None
+
+
+def _decode_numeric(
+    tensor: dict[str, Any], binary: bytes, spec: dict[str, Any], shape: list[int], *, count: int, size: int | None
+) -> list[Any]:
+    name, datatype = tensor["name"], tensor.get("datatype")
+    dtype = NUMERIC.get(str(datatype))
+    if dtype is None:
+        raise ProtocolViolation(f"input {name!r}: datatype {datatype} is not numeric ({', '.join(NUMERIC)})")
+    expected = spec["shape"][1:]
+    if list(shape[1:]) != expected:
+        raise ProtocolViolation(f"input {name!r}: shape {shape} does not match [N, {', '.join(map(str, expected))}]")
+    if size is not None:
+        array: npt.NDArray[Any] = np.frombuffer(binary[:size], dtype=dtype)
+    else:
+        try:
+            array = np.asarray(tensor.get("data"), dtype=dtype).reshape(-1)
+        except (TypeError, ValueError):
+            raise ProtocolViolation(f"input {name!r}: data is not a flat list of {datatype} numbers") from None
+    if array.size != count:
+        raise ProtocolViolation(f"input {name!r}: shape {shape} needs {count} values, got {array.size}")
+    return list(array.astype(np.float32).reshape(shape))
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ProtocolViolation("BYTES input data must be strings")
+    return value
+
+
+def _bytes_elements(blob: bytes, count: int) -> list[bytes]:
+    items, offset = [], 0
+    for _ in range(count):
+        if offset + 4 > len(blob):
+            raise ProtocolViolation("binary BYTES tensor is shorter than its shape says")
+        (length,) = struct.unpack_from("<I", blob, offset)
+        offset += 4
+        items.append(blob[offset : offset + length])
+        offset += length
+    if offset != len(blob):
+        raise ProtocolViolation("binary BYTES tensor has trailing or missing bytes")
+    return items
+
+
+def encode_response(
+    request: InferRequest, predictions: list[Prediction], *, model: str, version: int, labels: list[str]
+) -> tuple[bytes, dict[str, str]]:
+    """The response body and extra headers (the binary extension's header when any output is binary)."""
+    n = len(predictions)
+    label_values = [p.label for p in predictions]
+    probabilities = np.asarray([[p.scores[label] for label in labels] for p in predictions], dtype=np.float32)
+    outputs, blobs = [], []
+    for name in request.requested:
+        if name == "label":
+            out: dict[str, Any] = {"name": "label", "datatype": "BYTES", "shape": [n]}
+            blob = b"".join(struct.pack("<I", len(v.encode())) + v.encode() for v in label_values)
+            data: Any = label_values
+        else:
+            out = {"name": "probabilities", "datatype": "FP32", "shape": [n, len(labels)]}
+            blob = probabilities.tobytes()
+            data = probabilities.reshape(-1).tolist()
+        if name in request.binary_outputs:
+            out["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            out["data"] = data
+        outputs.append(out)
+    response: dict[str, Any] = {"model_name": model, "model_version": str(version), "outputs": outputs}
+    if request.id is not None:
+        response["id"] = request.id
+    head = json.dumps(response).encode()
+    if not blobs:
+        return head, {}
+    return head + b"".join(blobs), {HEADER_LENGTH: str(len(head))}

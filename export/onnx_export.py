@@ -1,0 +1,46 @@
+"""Checkpoint → ONNX with optimum."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+from export.errors import OnnxExportFailed
+
+log = logging.getLogger(__name__)
+
+
+def export_onnx(checkpoint: Path, out_dir: Path, *, opset: int | None = None) -> Path:
+    """Export a sequence-classification checkpoint with optimum; return the fp32 ``model.onnx``.
+
+    optimum's own validation (ONNX vs PyTorch on dummy inputs) runs here too; ours, on real
+    inputs, runs afterwards in :mod:`export.validate`.
+    """
+    from optimum.exporters.onnx import main_export
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings():
+            # The tracer warns about constants in the attention-mask helper; the parity gate checks the result.
+            warnings.simplefilter("ignore")
+            main_export(
+                str(checkpoint),
+                output=str(out_dir),
+                task="text-classification",
+                opset=opset,
+                local_files_only=True,
+            )
+    except Exception as exc:
+        raise OnnxExportFailed(f"optimum could not export {checkpoint}: {exc}") from exc
+    model = out_dir / "model.onnx"
+    if not model.is_file():
+        raise OnnxExportFailed(f"optimum wrote no model.onnx in {out_dir}")
+    return model
+
+
+def onnx_opset(model: Path) -> int:
+    import onnx
+
+    proto = onnx.load(str(model), load_external_data=False)
+    return max(int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx"))

@@ -1,0 +1,92 @@
+"""Graph optimization and quantization with onnxruntime, chosen for the target device.
+
+- none: fp32, fused with onnxruntime's transformer optimizer (reference; any execution provider)
+- dynamic-int8: int8 weights, activations quantized at run time, with optimum's preset for the CPU
+  (``avx2``, ``avx512_vnni``, ``arm64``)
+- static-int8: int8 weights and activations, ranges calibrated on training data (QDQ format)
+- fp16: the fused graph in half precision, fp32 inputs and outputs (GPUs: Jetson's CUDA / TensorRT EP)
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from export.errors import ExportError
+
+log = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("dynamic-int8", "static-int8", "fp16", "none")
+TARGETS = ("avx2", "avx512_vnni", "arm64")
+
+
+def optimize_transformer(fp32: Path, out: Path) -> Path:
+    """Fuse attention, layer norms and GELU with onnxruntime's transformer optimizer (BERT family)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model = optimize_model(str(fp32), model_type="bert", num_heads=0, hidden_size=0, opt_level=1, use_gpu=False)
+    model.save_model_to_file(str(out))
+    return out
+
+
+def quantize_dynamic_preset(fp32: Path, out: Path, *, target: str) -> Path:
+    """Dynamic int8 with optimum's preset for ``target`` (avx2, avx512_vnni, arm64)."""
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    if target not in TARGETS:
+        raise ExportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    config = getattr(AutoQuantizationConfig, target)(is_static=False, per_channel=False)
+    save_dir = out.parent / f".{out.stem}-optimum"
+    quantizer = ORTQuantizer.from_pretrained(str(fp32.parent), file_name=fp32.name)
+    quantizer.quantize(save_dir=str(save_dir), quantization_config=config)
+    produced = next(save_dir.glob("*quantized*.onnx"), None)
+    if produced is None:
+        raise ExportError(f"optimum wrote no quantized model in {save_dir}")
+    shutil.move(produced, out)
+    shutil.rmtree(save_dir, ignore_errors=True)
+    return out
+
+
+class _Calibration:
+    """An onnxruntime CalibrationDataReader over pre-computed feeds."""
+
+    def __init__(self, feeds: Iterable[dict[str, Any]]) -> None:
+        self._iter: Iterator[dict[str, Any]] = iter(feeds)
+
+    def get_next(self) -> dict[str, Any] | None:
+        return next(self._iter, None)
+
+
+def quantize_static_int8(fp32: Path, out: Path, *, calibration: Iterable[dict[str, Any]]) -> Path:
+    """Static int8 (QDQ): activation ranges calibrated on ``calibration`` feeds (the device's pre-processing)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = out.parent / f".{out.stem}-prepared.onnx"
+    quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+    quantize_static(
+        str(prepared),
+        str(out),
+        _Calibration(calibration),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        activation_type=QuantType.QUInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+    )
+    prepared.unlink(missing_ok=True)
+    return out
+
+
+def convert_fp16(fp32: Path, out: Path) -> Path:
+    """Half precision for GPU targets; inputs and outputs stay as they were."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    onnx.save(convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True), str(out))
+    return out

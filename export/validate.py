@@ -1,0 +1,82 @@
+"""Validation gates: the ONNX model must match PyTorch, and quantization must keep accuracy.
+
+Both run the device's own code path (:class:`edge_agent.runtime.TextClassifier`: the bundle's
+tokenizer through ``tokenizers``, then onnxruntime), so a preprocessing mismatch fails here, not
+in the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from edge_agent.runtime import TextClassifier
+from export.errors import AccuracyGateFailed, ValidationFailed
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    max_abs_diff: float
+    argmax_agreement: float
+    samples: int
+
+
+def torch_logits(
+    checkpoint: Path, texts: list[str], *, max_length: int, batch_size: int = 32
+) -> npt.NDArray[np.float32]:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))  # type: ignore[no-untyped-call]
+    model = AutoModelForSequenceClassification.from_pretrained(str(checkpoint)).eval()
+    chunks = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(
+                texts[start : start + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+            chunks.append(model(**batch).logits.float().numpy())
+    return np.concatenate(chunks).astype(np.float32)
+
+
+def check_parity(
+    reference: npt.NDArray[np.float32], classifier: TextClassifier, texts: list[str], *, atol: float
+) -> ParityReport:
+    """Raise ``ValidationFailed`` unless ``classifier`` reproduces ``reference`` logits within ``atol``."""
+    actual = np.concatenate([classifier.logits(texts[i : i + 32]) for i in range(0, len(texts), 32)])
+    if actual.shape != reference.shape:
+        raise ValidationFailed(f"ONNX output shape {actual.shape} differs from PyTorch's {reference.shape}")
+    diff = float(np.abs(actual - reference).max())
+    agreement = float((actual.argmax(-1) == reference.argmax(-1)).mean())
+    if not np.isfinite(actual).all() or diff > atol:
+        raise ValidationFailed(
+            f"ONNX fp32 logits differ from PyTorch by up to {diff:.2e} on {len(texts)} real inputs "
+            f"(tolerance {atol:.0e}); argmax agrees on {agreement:.1%}"
+        )
+    return ParityReport(max_abs_diff=diff, argmax_agreement=agreement, samples=len(texts))
+
+
+def accuracy(classifier: TextClassifier, texts: list[str], labels: list[str]) -> float:
+    if not texts:
+        raise ValidationFailed("no validation examples to measure accuracy on")
+    predicted = [p.label for i in range(0, len(texts), 32) for p in classifier.predict(texts[i : i + 32])]
+    return sum(p == t for p, t in zip(predicted, labels, strict=True)) / len(texts)
+
+
+def check_accuracy_drop(
+    fp32_accuracy: float, quantized_accuracy: float, *, max_drop_points: float, variant: str = "int8"
+) -> None:
+    """Raise ``AccuracyGateFailed``, with both numbers, if quantization cost more than ``max_drop_points``."""
+    drop = (fp32_accuracy - quantized_accuracy) * 100
+    if drop > max_drop_points:
+        raise AccuracyGateFailed(
+            f"{variant} accuracy {quantized_accuracy:.2%} is {drop:.2f} points below fp32 {fp32_accuracy:.2%} "
+            f"on the validation split; the gate allows {max_drop_points:.2f} (--max-accuracy-drop)"
+        )

@@ -1,0 +1,93 @@
+"""The local HTTP API over a real onnxruntime model: predictions, health, and every bad request a 4xx."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edge_agent.config import HttpConfig
+from edge_agent.protocol import Manifest
+from edge_agent.runtime import ModelHolder, TextClassifier
+from edge_agent.serving import InferenceServer
+from tests.conftest import http_json
+from tests.tinymodel import make_tiny_bundle
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[InferenceServer]:
+    make_tiny_bundle(tmp_path / "b", version=7)
+    holder = ModelHolder()
+    srv = InferenceServer(
+        config=HttpConfig(port=0, max_texts=4, max_text_chars=50, max_body_bytes=2048),
+        holder=holder,
+        model_name="intents",
+    )
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def _load(srv: InferenceServer, tmp_path: Path) -> None:
+    bundle = tmp_path / "b"
+    srv.holder.swap(
+        TextClassifier(bundle_dir=bundle, manifest=Manifest.read(bundle), providers=["CPUExecutionProvider"])
+    )
+
+
+def test_not_ready_until_a_model_is_loaded(server: InferenceServer, tmp_path: Path) -> None:
+    port = server.address[1]
+    assert http_json(port, "GET", "/v2/health/live")[0] == 200
+    assert http_json(port, "GET", "/v2/health/ready")[0] == 503
+    status, body = http_json(port, "POST", "/v1/predict", {"texts": ["turn on"]})
+    assert (status, body["error"]) == (503, "no verified model is active yet")
+    _load(server, tmp_path)
+    assert http_json(port, "GET", "/v2/health/ready") == (200, {"ready": True, "version": 7})
+
+
+def test_predict(server: InferenceServer, tmp_path: Path) -> None:
+    _load(server, tmp_path)
+    status, body = http_json(server.address[1], "POST", "/v1/predict", {"texts": ["turn on the lights", "switch off"]})
+    assert status == 200
+    assert [p["label"] for p in body["predictions"]] == ["lights_on", "lights_off"]
+    assert body["version"] == 7
+    scores = body["predictions"][0]["scores"]
+    assert set(scores) == {"lights_on", "lights_off"}
+    assert abs(sum(scores.values()) - 1) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "message"),
+    [
+        (b"{nope", 400, "not valid JSON"),
+        (b"[1, 2]", 400, '"texts" list'),
+        (b'{"texts": "on"}', 400, "list of strings"),
+        (b'{"texts": [1]}', 400, "list of strings"),
+        (b'{"texts": []}', 400, "is empty"),
+        (b'{"texts": ["a", "b", "c", "d", "e"]}', 413, "5 texts in one request; the limit is 4"),
+        (json.dumps({"texts": ["x" * 51]}).encode(), 413, "texts[0] has 51 characters; the limit is 50"),
+        (json.dumps({"texts": ["x" * 40] * 60}).encode(), 413, "the limit is 2048"),
+    ],
+)
+def test_bad_requests_get_a_4xx_that_names_the_problem(
+    server: InferenceServer, tmp_path: Path, raw: bytes, status: int, message: str
+) -> None:
+    _load(server, tmp_path)
+    got_status, body = http_json(server.address[1], "POST", "/v1/predict", raw=raw)
+    assert got_status == status
+    assert message in body["error"]
+    assert http_json(server.address[1], "GET", "/v2/health/live")[0] == 200  # still up
+
+
+def test_unknown_endpoint_and_missing_length(server: InferenceServer) -> None:
+    port = server.address[1]
+    assert http_json(port, "GET", "/nope")[0] == 404
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.putrequest("POST", "/v1/predict")
+    conn.endheaders()
+    response = conn.getresponse()
+    assert response.status == 411
+    assert "Content-Length" in json.loads(response.read())["error"]

@@ -1,0 +1,52 @@
+"""Fine-tuning behaviour on the real MiniLM: a fixed seed reproduces the model; --freeze-base trains
+only the head; the accuracy gate fails with both numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from safetensors.numpy import load_file
+
+from cloud_trainer.data import PACKAGED_DATASET, load_labelled, stratified_split
+from cloud_trainer.runs import export_run, train_run
+from cloud_trainer.train import TrainConfig, default_base_model, train_text_classifier
+from export.errors import AccuracyGateFailed
+
+pytestmark = pytest.mark.slow
+
+
+def _weights(checkpoint: Path) -> dict[str, object]:
+    return dict(load_file(str(checkpoint / "model.safetensors")))
+
+
+def test_same_seed_same_model_and_frozen_base(tmp_path: Path) -> None:
+    train, val = stratified_split(load_labelled(PACKAGED_DATASET), val_fraction=0.2, seed=1)
+    config = TrainConfig(max_steps=4, progress=False, seed=3)
+    a = _weights(train_text_classifier(train, val, out_dir=tmp_path / "a", config=config).checkpoint)
+    b = _weights(train_text_classifier(train, val, out_dir=tmp_path / "b", config=config).checkpoint)
+    assert a.keys() == b.keys()
+    assert all((a[k] == b[k]).all() for k in a)  # type: ignore[attr-defined]
+
+    frozen_config = TrainConfig(max_steps=4, progress=False, seed=3, freeze_base=True)
+    frozen = _weights(train_text_classifier(train, val, out_dir=tmp_path / "f", config=frozen_config).checkpoint)
+    base = dict(load_file(str(Path(default_base_model()) / "model.safetensors")))
+    encoder = [k for k in frozen if k.startswith("bert.encoder.")]
+    assert encoder
+    for key in encoder:
+        assert (frozen[key] == base[key.removeprefix("bert.")]).all(), key  # type: ignore[attr-defined]
+    assert not (frozen["classifier.weight"] == a["classifier.weight"]).all()  # type: ignore[attr-defined]
+    assert any(not (a[k] == frozen[k]).all() for k in encoder)  # type: ignore[attr-defined]  # unfrozen moved
+
+
+def test_accuracy_gate_fails_on_purpose_with_both_numbers(tmp_path: Path) -> None:
+    train_run(PACKAGED_DATASET, tmp_path / "run", config=TrainConfig(max_steps=20, progress=False))
+    with pytest.raises(AccuracyGateFailed) as failure:
+        # a negative allowance cannot be met: the gate must refuse and say why
+        export_run(tmp_path / "run", tmp_path / "bundle", model="intents", version=1, max_accuracy_drop=-5.0)
+    message = str(failure.value)
+    assert "dynamic-int8 accuracy" in message
+    assert "below fp32" in message
+    assert message.count("%") >= 2
+    assert "the gate allows -5.00" in message
+    assert not (tmp_path / "bundle").exists()  # nothing that failed a gate is left behind
