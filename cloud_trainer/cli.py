@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cloud_trainer.cli_deploy import add_connection_arguments, add_deploy_commands, connection_from_args
+from cloud_trainer.cli_samples import add_sample_commands
 from cloud_trainer.errors import BrokerError, CloudTrainError
 
 DEFAULT_BROKER = "127.0.0.1:1883"
@@ -58,10 +60,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     settings = load_train_config(args.config) if args.config else {}
     settings.update({k: getattr(args, k) for k in HYPERPARAMETERS if getattr(args, k) is not None})
     config = TrainConfig.from_mapping(settings, origin=str(args.config or "flags"))
+    samples = None
+    if args.include_samples:
+        from cloud_trainer.labelling import labelled_texts
+        from cloud_trainer.sample_store import SampleStore, default_store
+
+        samples = labelled_texts(SampleStore(args.samples_store or default_store()), args.include_samples)
+        if not len(samples):
+            raise CloudTrainError(f"the sample store has no labelled samples of model {args.include_samples!r}")
     result = train_run(
         args.data, args.out, config=config, val_path=args.val_data, val_fraction=args.val_fraction,
-        text_column=args.text_column, label_column=args.label_column,
+        text_column=args.text_column, label_column=args.label_column, samples=samples,
     )  # fmt: skip
+    if samples is not None:
+        info = result.metrics["samples"]
+        new_labels = ", ".join(info["new_labels"]) or "-"
+        print(
+            f"fleet samples: {info['labelled']} labelled, {info['added']} added to the training split, "
+            f"{info['duplicates_skipped']} already in the data; new labels: {new_labels}"
+        )
     print(format_metrics(result.metrics))
     print(f"{result.metrics['val_examples']} validation examples; metrics: {args.out / 'metrics.json'}")
     print(f"checkpoint: {result.checkpoint}")
@@ -114,10 +131,11 @@ def _cmd_push(args: argparse.Namespace) -> int:
         target = Target(kind="group", name=args.group)
     elif args.device:
         target = Target(kind="device", name=args.device)
-    host, port = args.broker
+    conn = connection_from_args(args)
     result = push_bundle(
-        entry.bundle_dir, host=host, port=port, fleet=args.fleet, key_path=args.key, target=target,
+        entry.bundle_dir, host=conn.host, port=conn.port, fleet=args.fleet, key_path=args.key, target=target,
         protocol=args.mqtt_protocol, canary_percent=args.canary, artifact_url=args.artifact_url,
+        security=conn.security, topic_root=conn.topic_root,
     )  # fmt: skip
     r = result.release
     canary = f", canary {r.canary_percent:g}%" if r.canary_percent else ""
@@ -192,6 +210,12 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--max-steps", type=int, help="stop after N steps (default: no limit)")
     p.add_argument("--seed", type=int, help="default 42; the same seed reproduces the model")
     p.add_argument("--freeze-base", action="store_true", default=None, help="train only the classification head")
+    p.add_argument(
+        "--include-samples", metavar="MODEL", help="add MODEL's labelled fleet samples to the training split"
+    )
+    p.add_argument(
+        "--samples-store", type=Path, help="sample store (default: $EDGELOOP_SAMPLES or ~/.edgeloop/samples)"
+    )
     p.set_defaults(func=_cmd_train)
 
 
@@ -219,7 +243,7 @@ def _add_push(sub: Any) -> None:
     p.add_argument("--canary", type=float, metavar="PERCENT", help="only this share of the targeted devices")
     p.add_argument("--artifact-url", help="devices fetch the bundle from this http(s) directory, not MQTT chunks")
     p.add_argument("--key", type=Path, required=True, help="ed25519 signing key (PEM)")
-    p.add_argument("--broker", type=parse_broker, default=parse_broker(DEFAULT_BROKER), help="HOST:PORT")
+    add_connection_arguments(p)  # --broker, --mqtt-config (TLS and the cloud identity)
     p.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], default="5")
     p.add_argument("--registry", type=Path, help="registry directory")
     p.set_defaults(func=_cmd_push)
@@ -258,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cloud-train", description="Train, export, sign and push edge models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_export, _add_push, _add_models, _add_misc):
+    for add in (_add_train, _add_export, _add_push, _add_models, _add_misc, add_deploy_commands, add_sample_commands):
         add(sub)
     return parser
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -13,6 +14,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud_trainer.errors import BrokerError, BundleError
 from cloud_trainer.signing import load_private_key, next_sequence, sign_release
+from edge_agent.mqtt_security import MqttSecurity
 from edge_agent.protocol import (
     MANIFEST_NAME,
     Manifest,
@@ -47,6 +49,7 @@ class Publisher:
         client_id: MQTT client id.
         protocol: MQTT protocol version, ``"5"`` or ``"3.1.1"``.
         timeout_s: how long to wait for the broker to accept the connection and each message.
+        security: TLS and credentials (the cloud identity of `cloud-train pki init`); none by default.
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class Publisher:
         client_id: str = "cloud-train",
         protocol: str = "5",
         timeout_s: float = 10.0,
+        security: MqttSecurity | None = None,
     ) -> None:
         self.host, self.port, self.timeout_s = host, port, timeout_s
         self._client = mqtt.Client(
@@ -65,9 +69,12 @@ class Publisher:
             protocol=protocol_version(protocol),
         )
         self._client.max_inflight_messages_set(64)
+        if security is not None:
+            security.apply(self._client)
         self._connected = threading.Event()
         self._refused: str | None = None
         self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
         self._pending: list[mqtt.MQTTMessageInfo] = []
 
     def _on_connect(self, _c: mqtt.Client, _u: object, _f: object, reason: object, _p: object) -> None:
@@ -75,9 +82,16 @@ class Publisher:
             self._refused = str(reason)
         self._connected.set()
 
+    def _on_disconnect(self, _c: mqtt.Client, _u: object, _f: object, reason: object, _p: object) -> None:
+        if not self._connected.is_set():  # closed before CONNACK: a TLS or authentication failure
+            self._refused = f"{reason} before accepting us (credentials missing, wrong or revoked?)"
+            self._connected.set()
+
     def __enter__(self) -> Publisher:
         try:
             self._client.connect(self.host, self.port, keepalive=30)
+        except ssl.SSLError as exc:
+            raise BrokerError(f"TLS with MQTT broker {self.host}:{self.port} failed: {exc.reason or exc}") from None
         except OSError as exc:
             raise BrokerError(f"cannot reach MQTT broker {self.host}:{self.port}: {exc.strerror or exc}") from None
         self._client.loop_start()
@@ -131,6 +145,8 @@ def push_bundle(
     canary_percent: float | None = None,
     artifact_url: str | None = None,
     verify: bool = True,
+    security: MqttSecurity | None = None,
+    topic_root: str | None = None,
 ) -> PushResult:
     """Publish every chunk of ``bundle_dir`` and then a signed release pointing at its manifest.
 
@@ -146,7 +162,7 @@ def push_bundle(
     except ProtocolError as exc:
         raise BundleError(f"refusing to push {bundle_dir}: {exc}") from None
     key = load_private_key(key_path)
-    topics = Topics(fleet=fleet)
+    topics = Topics(fleet=fleet) if topic_root is None else Topics(fleet=fleet, root=topic_root)
     target = target or Target(kind="fleet", name=fleet)
     if target.kind == "fleet":
         topic = topics.fleet_release(manifest.model)
@@ -156,7 +172,7 @@ def push_bundle(
         topic = topics.device_release(target.name, manifest.model)
     manifest_bytes = (bundle_dir / MANIFEST_NAME).read_bytes()
     chunks = sent = 0
-    with Publisher(host=host, port=port, protocol=protocol) as pub:
+    with Publisher(host=host, port=port, protocol=protocol, security=security) as pub:
         manifest_sha = sha256_bytes(manifest_bytes)
         if artifact_url is None:
             for entry in manifest.files:

@@ -11,6 +11,7 @@ Layout of a run directory::
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -41,13 +42,28 @@ def train_run(
     val_fraction: float = 0.2,
     text_column: str = "text",
     label_column: str = "label",
+    samples: LabelledTexts | None = None,
 ) -> TrainResult:
-    """Load, split (or take ``val_path`` as the validation set), fine-tune and record a run."""
+    """Load, split (or take ``val_path`` as the validation set), fine-tune and record a run.
+
+    ``samples`` (labelled samples from the fleet) join the training split only, so the validation
+    split stays the data set's own and versions stay comparable.
+    """
     data = load_labelled(data_path, text_column=text_column, label_column=label_column)
     if val_path is not None:
         train, val = data, load_labelled(val_path, text_column=text_column, label_column=label_column)
     else:
         train, val = stratified_split(data, val_fraction=val_fraction, seed=config.seed)
+    samples_info = None
+    if samples is not None and len(samples):
+        known = {t.strip().lower() for t in train.texts + val.texts}
+        fresh = [
+            (t, lab) for t, lab in zip(samples.texts, samples.labels, strict=True) if t.strip().lower() not in known
+        ]
+        train = LabelledTexts(train.texts + [t for t, _ in fresh], train.labels + [lab for _, lab in fresh])
+        digest = hashlib.sha256(json.dumps(sorted(fresh)).encode()).hexdigest()
+        samples_info = {"labelled": len(samples), "added": len(fresh), "duplicates_skipped": len(samples) - len(fresh),
+                        "sha256": digest, "new_labels": sorted(set(samples.labels) - set(data.labels))}  # fmt: skip
     run_dir.mkdir(parents=True, exist_ok=True)
     write_csv(run_dir / "train.csv", train)
     write_csv(run_dir / "val.csv", val)
@@ -56,11 +72,14 @@ def train_run(
         "data": str(data_path),
         "val_data": str(val_path) if val_path else None,
         "dataset_sha256": file_sha256(data_path),
+        "samples": samples_info,
         "base_model": config.base_model,
         "hyperparameters": asdict(config),
         "labels": result.labels,
     }
     (run_dir / "run.json").write_text(json.dumps(info, indent=2))
+    if samples_info is not None:
+        result.metrics["samples"] = samples_info
     return result
 
 
@@ -92,6 +111,7 @@ def export_run(
         dataset_sha256=info["dataset_sha256"],
         parent_version=parent_version,
         hyperparameters=hyper,
+        samples=info.get("samples"),
     )
     summary = {k: metrics[k] for k in ("accuracy", "macro_f1", "train_examples", "val_examples") if k in metrics}
     request = ExportRequest(

@@ -13,17 +13,22 @@ from paho.mqtt.client import MQTTMessageInfo
 
 from edge_agent.config import AgentConfig, ConfigError
 from edge_agent.fetch import ChunkFetcher
+from edge_agent.mqtt_security import MqttSecurity
+from edge_agent.outbox import Outbox
 from edge_agent.protocol.errors import ProtocolError
 from edge_agent.protocol.release import key_id_of, load_public_key
+from edge_agent.protocol.samples import SamplingPolicy
 from edge_agent.protocol.state import DeviceState
 from edge_agent.protocol.topics import Topics
 from edge_agent.runtime import HealthCheckError, ModelHolder, ModelLoadError
+from edge_agent.sampling import Sampler
 from edge_agent.serving import InferenceServer, ServingMetrics
 from edge_agent.serving.mqtt import MqttInference
 from edge_agent.store import ModelStore
 from edge_agent.telemetry import TelemetryPublisher
 from edge_agent.transport import MqttTransport
 from edge_agent.updater import StateChange, Updater, load_verified
+from edge_agent.uploader import SampleUploader, SampleWriter
 from edge_agent.watch import HealthWatch
 
 log = logging.getLogger(__name__)
@@ -65,6 +70,7 @@ class Agent:
             keepalive_s=config.mqtt.keepalive_s,
             protocol=config.mqtt.protocol,
             will=(self._state_topic, offline.to_bytes()),
+            security=MqttSecurity.from_config(config.mqtt),
         )
         fetcher = ChunkFetcher(
             transport=self.transport,
@@ -88,7 +94,30 @@ class Agent:
             report=self._on_update,
             on_activated=self.watch.watch,
         )
+        self.outbox = Outbox(config.state_dir / "outbox.sqlite", max_bytes=config.outbox.max_bytes)
+        self.uploader = SampleUploader(
+            outbox=self.outbox,
+            transport=self.transport,
+            topic=self.topics.device_samples(config.device_id),
+            device=config.device_id,
+            fleet=config.fleet,
+            batch_records=config.outbox.batch_records,
+            interval_s=config.outbox.upload_interval_s,
+            ack_timeout_s=config.outbox.ack_timeout_s,
+            retry_max_s=config.outbox.retry_max_s,
+        )
+        self.sample_writer = SampleWriter(outbox=self.outbox, on_written=self.uploader.wake)
+        self.sampler = Sampler(
+            rules=config.sampling.rules(),
+            device=config.device_id,
+            fleet=config.fleet,
+            model=config.model,
+            sink=self.sample_writer.submit,
+            remember=config.sampling.remember,
+        )
+        self._remote_policies: dict[str, SamplingPolicy] = {}
         self.metrics = ServingMetrics()
+        self.metrics.track_outbox(self.outbox.stats)
         self.server = InferenceServer(
             config=config.http,
             serving=config.serving,
@@ -96,6 +125,7 @@ class Agent:
             model_name=config.model,
             metrics=self.metrics,
             on_result=self.watch.record,
+            sampler=self.sampler,
         )
         self.mqtt_inference = MqttInference(
             server=self.server, transport=self.transport, topic=self.topics.device_infer(config.device_id)
@@ -106,6 +136,7 @@ class Agent:
             metrics=self.metrics,
             publish=lambda payload: self._publish_if_connected(telemetry_topic, payload),
             describe=self._describe,
+            outbox=self.outbox.stats,
         )
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -116,6 +147,11 @@ class Agent:
         if self.config.serving.mqtt_inference:
             self.mqtt_inference.start()
         self.telemetry.start()
+        self.sample_writer.start()
+        self.uploader.start()
+        if self.config.sampling.allow_remote:
+            self.transport.subscribe(self.topics.fleet_sampling(self.config.model), self._on_policy)
+            self.transport.subscribe(self.topics.device_sampling(self.config.device_id), self._on_policy)
         self.transport.on_connected(self._republish_state)
         for topic in self.topics.release_topics_for(
             device=self.config.device_id, group=self.config.group, model=self.config.model
@@ -132,7 +168,10 @@ class Agent:
         self.telemetry.stop()
         self.updater.stop()
         self.server.stop()
+        self.sample_writer.stop()  # every kept sample is on disk before the process ends
+        self.uploader.stop()
         self.transport.stop()
+        self.outbox.close()
 
     # -- start-up ---------------------------------------------------------------------------------
     def _serve_installed(self) -> None:
@@ -154,6 +193,24 @@ class Agent:
             log.info("serving installed version %s", version)
             return
         log.info("no installed model yet; waiting for a release")
+
+    # -- sampling policy ----------------------------------------------------------------------------
+    def _on_policy(self, topic: str, payload: bytes, _retained: bool) -> None:
+        """A retained policy from the cloud; the device's own topic wins over the fleet's; empty clears."""
+        if not payload:
+            self._remote_policies.pop(topic, None)
+        else:
+            try:
+                self._remote_policies[topic] = SamplingPolicy.from_bytes(payload)
+            except ProtocolError as exc:
+                log.error("refused the sampling policy on %s: %s", topic, exc)
+                self._set_state(last_error=f"sampling policy on {topic} refused: {exc}")
+                return
+        device_topic = self.topics.device_sampling(self.config.device_id)
+        policy = self._remote_policies.get(device_topic) or next(iter(self._remote_policies.values()), None)
+        rules = policy.rules() if policy is not None else self.config.sampling.rules()
+        self.sampler.set_rules(rules)
+        log.info("sampling rules now %s (%s)", rules.model_dump(), "from " + topic if policy else "from config")
 
     # -- reported state ---------------------------------------------------------------------------
     def state(self) -> DeviceState:

@@ -20,25 +20,38 @@ from edge_agent import __version__
 
 
 def _setup_logging(level: str) -> None:
-    # Under systemd, journald adds its own timestamps; elsewhere a terminal wants them.
-    fmt = "%(levelname)s %(name)s: %(message)s"
-    if "JOURNAL_STREAM" not in os.environ:
-        fmt = "%(asctime)s " + fmt
+    # Under systemd, journald adds its own timestamps and reads <N> priority prefixes; elsewhere a
+    # terminal wants timestamps.
+    if "JOURNAL_STREAM" in os.environ:
+        from edge_agent.service import JournalFormatter
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JournalFormatter())
+        logging.basicConfig(level=level.upper(), handlers=[handler])
+        return
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     from edge_agent.app import load_trusted_keys
     from edge_agent.config import ConfigError, load_config
+    from edge_agent.mqtt_security import MqttSecurity
 
     try:
         config = load_config(args.config)
         keys = load_trusted_keys(config)
+        security = MqttSecurity.from_config(config.mqtt)  # reads the password; loads the TLS files below
+        if security.tls:
+            security.ssl_context()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.quiet:
+        return 0
     print(config.model_dump_json(indent=2))
     print(f"trusted release keys: {', '.join(sorted(keys))}")
+    print(f"MQTT: {config.mqtt.host}:{config.mqtt.port}, {security.describe()}")
     return 0
 
 
@@ -75,8 +88,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    stop.wait()
-    agent.stop()
+    from edge_agent.service import serve_until
+
+    serve_until(agent, stop)  # READY, STATUS and watchdog pings to systemd; STOPPING, then agent.stop()
     log.info("stopped")
     return 0
 
@@ -91,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
     check = sub.add_parser("check-config", help="validate a config file and print what will be used")
     check.add_argument("config", type=Path)
+    check.add_argument("--quiet", action="store_true", help="print only problems (systemd's ExecStartPre)")
     check.set_defaults(func=_cmd_check_config)
     return parser
 

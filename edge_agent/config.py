@@ -24,12 +24,15 @@ Relative paths are resolved against the directory of the config file.
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from edge_agent.protocol.samples import SamplingRules
 from edge_agent.protocol.topics import DEFAULT_ROOT, check_segment
 
 if sys.version_info >= (3, 11):
@@ -50,6 +53,38 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _existing_file(path: Path) -> Path:
+    if not path.is_file():
+        raise ValueError(f"file {path} does not exist" if not path.exists() else f"{path} is not a file")
+    return path
+
+
+ExistingFile = Annotated[Path, AfterValidator(_existing_file)]
+
+
+class MqttTlsConfig(_Section):
+    """``[mqtt.tls]``: TLS to the broker, and optionally a client certificate as this device's identity."""
+
+    ca_file: ExistingFile | None = Field(
+        default=None, description="CA certificate(s) that signed the broker's certificate; default: system CAs"
+    )
+    cert_file: ExistingFile | None = Field(default=None, description="client certificate (PEM); CN = device id")
+    key_file: ExistingFile | None = Field(default=None, description="the client certificate's private key (PEM)")
+
+    @model_validator(mode="after")
+    def _pair(self) -> MqttTlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: give both or neither")
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class MqttConfig(_Section):
     host: str = Field(default="127.0.0.1", description="broker host name or address")
     port: int = Field(default=1883, ge=1, le=65535)
@@ -57,6 +92,37 @@ class MqttConfig(_Section):
     keepalive_s: int = Field(default=30, ge=5, le=3600, description="MQTT keepalive; the last will fires after 1.5x")
     topic_root: str = Field(default=DEFAULT_ROOT, description="prefix of every topic")
     client_id: str | None = Field(default=None, description="defaults to edge-agent-<device_id>")
+    tls: MqttTlsConfig | None = Field(default=None, description="connect with TLS (see [mqtt.tls])")
+    username: str | None = Field(default=None, description="MQTT user name for password authentication")
+    password_file: ExistingFile | None = Field(default=None, description="file holding the MQTT password")
+    password_env: str | None = Field(default=None, description="environment variable holding the MQTT password")
+
+    @model_validator(mode="after")
+    def _credentials(self) -> MqttConfig:
+        if self.password_file is not None and self.password_env is not None:
+            raise ValueError("give password_file or password_env, not both")
+        has_password = self.password_file is not None or self.password_env is not None
+        if has_password and not self.username:
+            raise ValueError("a password (password_file or password_env) needs a username")
+        if self.password_env is not None and not os.environ.get(self.password_env):
+            raise ValueError(f"password_env: environment variable {self.password_env} is not set or empty")
+        if has_password and self.tls is None and not _is_loopback(self.host):
+            raise ValueError(f"a password to {self.host} over plain TCP would travel in clear text; add [mqtt.tls]")
+        return self
+
+    def password(self) -> str | None:
+        """The MQTT password, read now from its file (first line) or environment variable."""
+        if self.password_file is not None:
+            try:
+                lines = self.password_file.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"mqtt.password_file: cannot read {self.password_file}: {exc}") from None
+            if not lines or not lines[0]:
+                raise ConfigError(f"mqtt.password_file: {self.password_file} is empty")
+            return lines[0]
+        if self.password_env is not None:
+            return os.environ.get(self.password_env, "")
+        return None
 
 
 class HttpConfig(_Section):
@@ -99,6 +165,33 @@ class UpdateConfig(_Section):
     retry_base_s: float = Field(default=5.0, gt=0, description="first retry delay after a stalled download; doubles")
 
 
+class WatchdogConfig(_Section):
+    """``[watchdog]``: when the systemd watchdog pings stop (``WatchdogSec=`` in the unit sets how often)."""
+
+    max_stall_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="stop pinging when the main loop, the inference worker or one model run stalls this long",
+    )
+
+
+class SamplingConfig(SamplingRules):
+    """``[sampling]``: the hard-example rules the device starts with, and what the cloud may change."""
+
+    allow_remote: bool = Field(default=True, description="a retained policy from the cloud replaces these rules")
+    remember: int = Field(default=4096, ge=1, le=1_000_000, description="recent predictions feedback can name")
+
+
+class OutboxConfig(_Section):
+    """``[outbox]``: the durable queue of samples waiting for upload (``state_dir/outbox.sqlite``)."""
+
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=4096, description="past it, the oldest samples are dropped")
+    batch_records: int = Field(default=200, ge=1, le=5000, description="samples per MQTT message at most")
+    upload_interval_s: float = Field(default=5.0, gt=0, description="how often to look for samples to upload")
+    ack_timeout_s: float = Field(default=10.0, gt=0, description="wait this long for the broker's PUBACK")
+    retry_max_s: float = Field(default=60.0, gt=0, description="longest back-off between upload attempts")
+
+
 class AgentConfig(_Section):
     device_id: Annotated[str, _segment("device_id")]
     fleet: Annotated[str, _segment("fleet")]
@@ -110,10 +203,23 @@ class AgentConfig(_Section):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
     update: UpdateConfig
+    watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig)
 
 
 def _resolve(value: Any, base: Path) -> Any:
     return str(base / value) if isinstance(value, str) and not Path(value).is_absolute() else value
+
+
+def resolve_mqtt_paths(mqtt: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """The ``[mqtt]`` table with its file paths (TLS files, password file) resolved against ``base_dir``."""
+    mqtt = dict(mqtt)
+    if "password_file" in mqtt:
+        mqtt["password_file"] = _resolve(mqtt["password_file"], base_dir)
+    if isinstance(mqtt.get("tls"), dict):
+        mqtt["tls"] = {k: _resolve(v, base_dir) if k.endswith("_file") else v for k, v in mqtt["tls"].items()}
+    return mqtt
 
 
 def parse_config(data: dict[str, Any], *, base_dir: Path, origin: str = "config") -> AgentConfig:
@@ -126,6 +232,8 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, origin: str = "config"
         update = dict(update)
         update["trusted_keys"] = [_resolve(item, base_dir) for item in update["trusted_keys"]]
         data["update"] = update
+    if isinstance(data.get("mqtt"), dict):
+        data["mqtt"] = resolve_mqtt_paths(data["mqtt"], base_dir)
     try:
         return AgentConfig.model_validate(data)
     except ValidationError as exc:
@@ -133,6 +241,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, origin: str = "config"
         for err in exc.errors():
             where = ".".join(str(part) for part in err["loc"]) or "(top level)"
             message = "unknown key (not allowed)" if err["type"] == "extra_forbidden" else err["msg"]
+            message = message.removeprefix("Value error, ")
             problems.append(f"  {where}: {message}")
         raise ConfigError(f"{origin} is not valid:\n" + "\n".join(problems)) from None
 

@@ -10,7 +10,8 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 
-from edge_agent.protocol.telemetry import Latency, Telemetry
+from edge_agent.outbox import OutboxStats
+from edge_agent.protocol.telemetry import Latency, SamplesTelemetry, Telemetry
 from edge_agent.serving.metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class TelemetryPublisher:
         metrics: the serving metrics to summarise.
         publish: sends one payload (the app wires it to MQTT).
         describe: returns ``(device, fleet, model, active_version, queue_depth)``.
+        outbox: returns the sample outbox's counts.
     """
 
     def __init__(
@@ -42,7 +44,9 @@ class TelemetryPublisher:
         metrics: ServingMetrics,
         publish: Callable[[bytes], None],
         describe: Callable[[], tuple[str, str, str, int | None, int]],
+        outbox: Callable[[], OutboxStats] | None = None,
     ) -> None:
+        self._outbox = outbox
         self._interval_s = interval_s
         self._metrics = metrics
         self._publish = publish
@@ -69,12 +73,19 @@ class TelemetryPublisher:
         cpu_percent = 100 * (cpu - self._cpu) / max(wall - self._wall, 1e-6)
         self._cpu, self._wall = cpu, wall
         device, fleet, model, version, depth = self._describe()
+        stats = self._outbox() if self._outbox else None
+        samples = None
+        if stats is not None:
+            samples = SamplesTelemetry(
+                queued=stats.queued, queued_bytes=stats.bytes, dropped=stats.dropped, uploaded=stats.uploaded
+            )
         window = self._metrics.window(self._interval_s or 60.0)
         return Telemetry(
             device=device, fleet=fleet, model=model, active_version=version, window_s=self._interval_s or 60.0,
             requests=window["requests"], errors=window["errors"], throughput_rps=window["throughput_rps"],
             latency_ms=Latency(**window["latency_ms"]), queue_depth=depth, cpu_percent=round(cpu_percent, 1),
-            rss_mb=round(rss_mb(), 1), sent_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            rss_mb=round(rss_mb(), 1), samples=samples,
+            sent_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )  # fmt: skip
 
     def _run(self) -> None:

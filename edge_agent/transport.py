@@ -18,6 +18,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edge_agent.mqtt_security import MqttSecurity
+
 log = logging.getLogger(__name__)
 
 Handler = Callable[[str, bytes, bool], None]
@@ -48,6 +50,7 @@ class MqttTransport:
         keepalive_s: keepalive interval.
         protocol: ``"5"`` or ``"3.1.1"``.
         will: ``(topic, payload)`` published retained by the broker if this client vanishes.
+        security: TLS and credentials (:class:`MqttSecurity`); plain TCP without credentials if ``None``.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class MqttTransport:
         keepalive_s: int = 30,
         protocol: str = "5",
         will: tuple[str, bytes] | None = None,
+        security: MqttSecurity | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -76,6 +80,8 @@ class MqttTransport:
         self._client.max_queued_messages_set(10_000)
         if will is not None:
             self._client.will_set(will[0], will[1], qos=1, retain=True)
+        if security is not None:
+            security.apply(self._client)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_unrouted

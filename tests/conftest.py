@@ -108,11 +108,14 @@ class StateListener:
             self.states.append(json.loads(msg.payload))
             self._cond.notify_all()
 
-    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float = 30.0) -> dict[str, Any]:
+    def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float = 30.0, *, since: int = 0
+    ) -> dict[str, Any]:
+        """The first state from index ``since`` on that matches ``predicate``."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while True:
-                for state in self.states:
+                for state in self.states[since:]:
                     if predicate(state):
                         return state
                 remaining = deadline - time.monotonic()

@@ -16,7 +16,7 @@ from paho.mqtt.properties import Properties
 from cloud_trainer.localbroker import LocalBroker
 from cloud_trainer.publish import push_bundle
 from edge_agent.protocol import Topics
-from tests.conftest import AgentProcess, Keys
+from tests.conftest import AgentProcess, Keys, StateListener
 from tests.tinymodel import make_tiny_bundle
 
 
@@ -56,16 +56,27 @@ class Requester:
 
 
 def test_mqtt_request_response_and_telemetry(
-    tmp_path: Path, mosquitto: LocalBroker, fleet: str, keys: Keys, agent_process: Callable[..., AgentProcess]
+    tmp_path: Path,
+    mosquitto: LocalBroker,
+    fleet: str,
+    keys: Keys,
+    agent_process: Callable[..., AgentProcess],
+    state_listener: StateListener,
 ) -> None:
     make_tiny_bundle(tmp_path / "v1", version=1)
     push_bundle(tmp_path / "v1", host=mosquitto.host, port=mosquitto.port, fleet=fleet, key_path=keys.private)
     agent = agent_process()
     config = agent.config_path.read_text() + "\n[serving]\ntelemetry_interval_s = 1\n"
     agent.stop()
+    state_listener.wait_for(lambda s: not s["online"])
+    seen = len(state_listener.states)
     agent.config_path.write_text(config)
     agent.start()
     agent.wait_version(1)
+    # After a restart the installed version serves over HTTP before MQTT connects; a QoS 1
+    # request to a topic nobody subscribes to yet is dropped by the broker, so wait for the
+    # agent's online state (published after it subscribed) before asking.
+    state_listener.wait_for(lambda s: s["online"] and s["active_version"] == 1, since=seen)
     requester = Requester(mosquitto, Topics(fleet=fleet).device_infer("dev-1"))
     try:
         ok = requester.ask(json.dumps({"texts": ["turn on the lights", "switch off"]}).encode(), b"c-1")

@@ -109,6 +109,9 @@ class Lineage(_Frozen):
     dataset_sha256: str | None = None
     parent_version: int | None = None
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    samples: dict[str, Any] | None = Field(
+        default=None, description="labelled fleet samples merged into the training data: counts and sha256"
+    )
 
 
 class Manifest(_Frozen):

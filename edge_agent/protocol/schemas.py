@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from edge_agent.protocol.manifest import Manifest
 from edge_agent.protocol.release import Release, SignedEnvelope
+from edge_agent.protocol.samples import SampleBatch, SamplingPolicy
 from edge_agent.protocol.state import DeviceState
 from edge_agent.protocol.telemetry import InferenceReply, Telemetry
 
@@ -24,6 +25,8 @@ MODELS: dict[str, type[BaseModel]] = {
     "device-state": DeviceState,
     "telemetry": Telemetry,
     "inference-reply": InferenceReply,
+    "sample-batch": SampleBatch,
+    "sampling-policy": SamplingPolicy,
 }
 
 

@@ -17,6 +17,17 @@ class Latency(BaseModel):
     p99: float | None = None
 
 
+class SamplesTelemetry(BaseModel):
+    """The device's sample outbox: what waits for upload, and what was lost to a full outbox or disk."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    queued: int
+    queued_bytes: int
+    dropped: int = Field(description="dropped since the outbox was created (oldest first when full)")
+    uploaded: int = Field(description="acknowledged by the broker since the outbox was created")
+
+
 class Telemetry(BaseModel):
     """Published on ``.../devices/{device}/telemetry`` every ``serving.telemetry_interval_s``."""
 
@@ -35,6 +46,7 @@ class Telemetry(BaseModel):
     queue_depth: int
     cpu_percent: float = Field(description="this process, share of one core, over the window")
     rss_mb: float
+    samples: SamplesTelemetry | None = None
     sent_at: str
 
     def to_bytes(self) -> bytes:

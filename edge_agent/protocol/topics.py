@@ -10,6 +10,11 @@ Layout (``{root}`` is ``edgeloop/v1`` unless configured)::
     {root}/{fleet}/devices/{device}/telemetry                periodic telemetry
     {root}/{fleet}/devices/{device}/infer                    MQTT 5 inference requests (response topic +
                                                              correlation data)
+    {root}/{fleet}/devices/{device}/replies/...              MQTT 5 inference replies (the response topics
+                                                             the ACLs let a device publish to)
+    {root}/{fleet}/devices/{device}/samples                  sample batches for retraining (QoS 1, gzip JSON)
+    {root}/{fleet}/sampling/{model}                          retained sampling policy, whole fleet
+    {root}/{fleet}/devices/{device}/sampling                 retained sampling policy, one device (wins)
 
 A device reads only its fleet's releases and chunks and writes only under its own device topic,
 which is what the broker ACLs (deployment) enforce.
@@ -76,6 +81,23 @@ class Topics:
 
     def device_infer(self, device: str) -> str:
         return f"{self.base}/devices/{check_segment('device', device)}/infer"
+
+    def device_replies(self, device: str) -> str:
+        """Where a requester's response topics live under broker ACLs: this prefix, then ``/<anything>``."""
+        return f"{self.base}/devices/{check_segment('device', device)}/replies"
+
+    def device_samples(self, device: str) -> str:
+        return f"{self.base}/devices/{check_segment('device', device)}/samples"
+
+    def all_samples(self) -> str:
+        """The wildcard a collector subscribes to (behind ``$share/<group>/`` to split the load)."""
+        return f"{self.base}/devices/+/samples"
+
+    def fleet_sampling(self, model: str) -> str:
+        return f"{self.base}/sampling/{check_segment('model', model)}"
+
+    def device_sampling(self, device: str) -> str:
+        return f"{self.base}/devices/{check_segment('device', device)}/sampling"
 
     def release_topics_for(self, *, device: str, group: str | None, model: str) -> list[str]:
         """The release topics a device subscribes to, least specific first."""

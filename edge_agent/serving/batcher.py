@@ -65,10 +65,34 @@ class Batcher:
         self._inline = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self.heartbeat = time.monotonic()  # the worker's last sign of life (the systemd watchdog reads it)
+        self._runs_lock = threading.Lock()
+        self._runs: dict[int, float] = {}  # model runs in progress (worker and inline): id -> start
+        self._next_run = 0
 
     @property
     def depth(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def worker_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def longest_run_s(self) -> float:
+        """How long the oldest model run still in progress (worker or inline) has lasted; 0 if none."""
+        with self._runs_lock:
+            oldest = min(self._runs.values(), default=None)
+        return 0.0 if oldest is None else time.monotonic() - oldest
+
+    def _predict(self, model: Classifier, inputs: list[Any]) -> list[Prediction]:
+        with self._runs_lock:
+            run = self._next_run
+            self._next_run += 1
+            self._runs[run] = time.monotonic()
+        try:
+            return model.predict(inputs)
+        finally:
+            with self._runs_lock:
+                del self._runs[run]
 
     def start(self) -> None:
         self._thread.start()
@@ -99,7 +123,7 @@ class Batcher:
             if model is None:
                 raise NoModel("no verified model is active yet")
             self._on_batch(len(inputs))
-            return model.version, model.predict(inputs)
+            return model.version, self._predict(model, inputs)
         finally:
             self._inline.release()
 
@@ -145,7 +169,7 @@ class Batcher:
         inputs = [item for job in jobs for item in job.inputs]
         self._on_batch(len(inputs))
         try:
-            predictions = model.predict(inputs)
+            predictions = self._predict(model, inputs)
         except Exception as exc:  # noqa: BLE001 - handed to each caller, who answers it
             if len(jobs) > 1:  # one caller's bad input must not fail the others: retry each alone
                 for job in jobs:

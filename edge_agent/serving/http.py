@@ -5,7 +5,8 @@
     GET  /v2/models/{name}[/versions/{v}]     model metadata (inputs, outputs, labels)
     GET  /v2/models/{name}/ready              model readiness
     POST /v2/models/{name}[/versions/{v}]/infer   inference (JSON or binary tensor extension)
-    POST /v1/predict                          {"texts": [...]} or {"images": [...]} -> labels and scores
+    POST /v1/predict                          {"texts": [...]} or {"images": [...]} -> labels, scores, ids
+    POST /v1/feedback                         {"id": "<prediction id>", "label": "<true label>"} (or a list)
     GET  /v1/model                            the active model, its metrics
     GET  /metrics                             Prometheus exposition
 
@@ -36,6 +37,7 @@ from typing import Any
 from edge_agent import __version__
 from edge_agent.config import HttpConfig, ServingConfig
 from edge_agent.runtime import Classifier, InputError, ModelHolder, Prediction
+from edge_agent.sampling import Sampler, UnknownPrediction
 from edge_agent.serving import kserve
 from edge_agent.serving.batcher import Batcher, NoModel, Overloaded
 from edge_agent.serving.metrics import ServingMetrics
@@ -109,6 +111,43 @@ def parse_predict_body(body: bytes, config: HttpConfig, *, task: str = "text-cla
     return items
 
 
+def prediction_dicts(predictions: list[Prediction], ids: list[str] | None) -> list[dict[str, Any]]:
+    """Predictions as JSON objects; each with its ``id`` when the sampler gave one (feedback names it)."""
+    out: list[dict[str, Any]] = [{"label": p.label, "score": p.score, "scores": p.scores} for p in predictions]
+    for item, prediction_id in zip(out, ids or [], strict=False):
+        item["id"] = prediction_id
+    return out
+
+
+_PREDICTION_ID = re.compile(r"^[0-9a-f]{32}$")
+_LABEL = re.compile(r"^[^\x00-\x1f]{1,100}$")
+
+
+def parse_feedback_body(body: bytes) -> list[tuple[str, str]]:
+    """Validate a ``/v1/feedback`` body: one ``{"id", "label"}`` object or ``{"feedback": [...]}`` of them."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"body is not valid JSON: {exc}") from None
+    items = data.get("feedback") if isinstance(data, dict) and "feedback" in data else [data]
+    if not isinstance(items, list) or not items:
+        raise RequestError(HTTPStatus.BAD_REQUEST, '"feedback" must be a non-empty list of {"id", "label"} objects')
+    if len(items) > 1000:
+        raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{len(items)} feedback items; the limit is 1000")
+    parsed = []
+    for index, item in enumerate(items):
+        where = f"feedback[{index}]" if len(items) > 1 else "body"
+        if not isinstance(item, dict) or set(item) != {"id", "label"}:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f'{where} must be an object with exactly "id" and "label"')
+        prediction_id, label = item["id"], item["label"]
+        if not isinstance(prediction_id, str) or not _PREDICTION_ID.fullmatch(prediction_id):
+            raise RequestError(HTTPStatus.BAD_REQUEST, f'{where}: "id" must be a prediction id (32 hex characters)')
+        if not isinstance(label, str) or not _LABEL.fullmatch(label):
+            raise RequestError(HTTPStatus.BAD_REQUEST, f'{where}: "label" must be a string of 1-100 characters')
+        parsed.append((prediction_id, label))
+    return parsed
+
+
 def check_texts(texts: list[str], config: HttpConfig) -> None:
     for index, text in enumerate(texts):
         if len(text) > config.max_text_chars:
@@ -128,6 +167,7 @@ class InferenceServer:
         model_name: the model's name, for URLs and responses.
         metrics: where requests are counted.
         on_result: called with ``(version, ok)`` after each inference (the watch window listens).
+        sampler: sees every prediction, gives it an id and keeps the hard ones; takes feedback.
     """
 
     def __init__(
@@ -139,8 +179,10 @@ class InferenceServer:
         serving: ServingConfig | None = None,
         metrics: ServingMetrics | None = None,
         on_result: Callable[[int, bool], None] | None = None,
+        sampler: Sampler | None = None,
     ) -> None:
         self.config = config
+        self.sampler = sampler
         self.serving = serving or ServingConfig()
         self.holder = holder
         self.model_name = model_name
@@ -213,6 +255,16 @@ class InferenceServer:
             raise RequestError(*self.failure_status(exc)) from None
         self.on_result(version, True)
         return version, predictions
+
+    def observe(self, inputs: list[Any], version: int, predictions: list[Prediction], task: str) -> list[str] | None:
+        """Show a request's predictions to the sampler; their ids, or None without one. Never raises."""
+        if self.sampler is None:
+            return None
+        try:
+            return self.sampler.observe(inputs, predictions, version, text=task == "text-classification")
+        except Exception:  # sampling must never fail a request
+            log.exception("sampling failed")
+            return None
 
     def failure_status(self, exc: BaseException) -> tuple[HTTPStatus, str]:
         """The HTTP status and message for a failed inference; model failures count against the watch window."""
@@ -308,6 +360,9 @@ class InferenceServer:
             if request.path == "/v1/predict":
                 endpoint = "predict"
                 response = await self._predict(request)
+            elif request.path == "/v1/feedback":
+                endpoint = "feedback"
+                response = self._feedback(request)
             elif match and match["rest"] == "/infer":
                 endpoint = "infer"
                 response = await self._infer(request, match)
@@ -378,12 +433,27 @@ class InferenceServer:
         inputs = parse_predict_body(request.body, self.config, task=model.manifest.task)
         start = time.perf_counter()
         version, predictions = await self.infer(inputs)
+        elapsed_ms = round((time.perf_counter() - start) * 1000, 3)
+        ids = self.observe(inputs, version, predictions, model.manifest.task)
         return Response(HTTPStatus.OK, {
             "model": self.model_name,
             "version": version,
-            "inference_ms": round((time.perf_counter() - start) * 1000, 3),
-            "predictions": [{"label": p.label, "score": p.score, "scores": p.scores} for p in predictions],
+            "inference_ms": elapsed_ms,
+            "predictions": prediction_dicts(predictions, ids),
         })  # fmt: skip
+
+    def _feedback(self, request: Request) -> Response:
+        if self.sampler is None:
+            raise RequestError(HTTPStatus.NOT_FOUND, "feedback is not enabled on this agent")
+        items = parse_feedback_body(request.body)
+        accepted = []
+        for index, (prediction_id, label) in enumerate(items):
+            try:
+                accepted.append(self.sampler.feedback(prediction_id, label).id)
+            except UnknownPrediction as exc:
+                where = f"feedback[{index}]: " if len(items) > 1 else ""
+                raise RequestError(HTTPStatus.NOT_FOUND, f"{where}{exc}") from None
+        return Response(HTTPStatus.ACCEPTED, {"accepted": len(accepted), "ids": accepted})
 
     async def _infer(self, request: Request, match: re.Match[str]) -> Response:
         model = self._matching_model(match)
@@ -397,6 +467,7 @@ class InferenceServer:
         if model.manifest.task == "text-classification":
             check_texts(decoded.inputs, self.config)
         version, predictions = await self.infer(decoded.inputs)
+        self.observe(decoded.inputs, version, predictions, model.manifest.task)
         payload, headers = kserve.encode_response(
             decoded, predictions, model=self.model_name, version=version, labels=model.labels
         )

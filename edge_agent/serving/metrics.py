@@ -3,15 +3,24 @@ latencies for the periodic MQTT telemetry."""
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+if TYPE_CHECKING:
+    from edge_agent.outbox import OutboxStats
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def _stat(stats: Callable[[], OutboxStats], field: str) -> float:
+    return float(getattr(stats(), field))
 
 
 class ServingMetrics:
@@ -36,6 +45,17 @@ class ServingMetrics:
         self.active_version = Gauge("edge_agent_active_version", "Model version serving", registry=self.registry)
         self._lock = threading.Lock()
         self._recent: deque[tuple[float, float, bool]] = deque(maxlen=window)  # (time, seconds, ok)
+
+    def track_outbox(self, stats: Callable[[], OutboxStats]) -> None:
+        """Expose the sample outbox's counts, read at scrape time."""
+        for name, doc, field in (
+            ("edge_agent_samples_queued", "Samples waiting in the outbox for upload", "queued"),
+            ("edge_agent_samples_queued_bytes", "Bytes of samples waiting in the outbox", "bytes"),
+            ("edge_agent_samples_dropped", "Samples dropped because the outbox or disk was full", "dropped"),
+            ("edge_agent_samples_uploaded", "Samples acknowledged by the broker", "uploaded"),
+        ):
+            gauge = Gauge(name, doc, registry=self.registry)
+            gauge.set_function(functools.partial(_stat, stats, field))
 
     def observe(self, endpoint: str, code: int, seconds: float, *, inference_failed: bool = False) -> None:
         self.requests.labels(endpoint=endpoint, code=str(code)).inc()

@@ -15,7 +15,7 @@ from http import HTTPStatus
 
 from edge_agent.protocol.telemetry import InferenceReply
 from edge_agent.runtime import Prediction
-from edge_agent.serving.http import InferenceServer, RequestError, parse_predict_body
+from edge_agent.serving.http import InferenceServer, RequestError, parse_predict_body, prediction_dicts
 from edge_agent.transport import MqttTransport
 
 log = logging.getLogger(__name__)
@@ -40,10 +40,10 @@ class MqttInference:
         srv = self._server
 
         def reply(status: HTTPStatus, *, version: int | None = None, predictions: list[Prediction] | None = None,
-                  error: str | None = None) -> None:  # fmt: skip
+                  error: str | None = None, ids: list[str] | None = None) -> None:  # fmt: skip
             body = InferenceReply(
                 status=int(status), model=srv.model_name, version=version, error=error,
-                predictions=[{"label": p.label, "score": p.score, "scores": p.scores} for p in predictions or []],
+                predictions=prediction_dicts(predictions or [], ids),
             )  # fmt: skip
             self._transport.publish_response(
                 response_topic, body.model_dump_json().encode(), correlation_data=correlation
@@ -60,7 +60,8 @@ class MqttInference:
             reply(HTTPStatus.SERVICE_UNAVAILABLE, error="no verified model is active yet")
             return
         try:
-            inputs = parse_predict_body(payload, srv.config, task=model.manifest.task)
+            task = model.manifest.task
+            inputs = parse_predict_body(payload, srv.config, task=task)
             future = srv.batcher.submit(inputs)
         except RequestError as exc:
             reply(exc.status, error=str(exc))
@@ -78,6 +79,7 @@ class MqttInference:
                 reply(status, error=message)
                 return
             srv.on_result(version, True)
-            reply(HTTPStatus.OK, version=version, predictions=predictions)
+            ids = srv.observe(inputs, version, predictions, task)
+            reply(HTTPStatus.OK, version=version, predictions=predictions, ids=ids)
 
         future.add_done_callback(done)

@@ -1,0 +1,192 @@
+"""``cloud-train collect``, ``cloud-train samples list|show|export|import`` and ``cloud-train sampling set``.
+
+cloud-train collect --fleet plant-7 [--store DIR] [--share-group collectors]
+cloud-train samples list --model intents --unlabelled
+cloud-train samples export --model intents --out to-label.csv      # or --format label-studio
+cloud-train samples import labelled.csv                            # or a Label Studio JSON export
+cloud-train sampling set --fleet plant-7 --model intents --low-confidence 0.7 --random-rate 0.01
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from cloud_trainer.cli_deploy import add_connection_arguments, connection_from_args
+
+STORE_HELP = "sample store directory (default: $EDGELOOP_SAMPLES or ~/.edgeloop/samples)"
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from cloud_trainer.sample_store import SampleStore, default_store
+
+    return SampleStore(args.store or default_store())
+
+
+def _cmd_collect(args: argparse.Namespace) -> int:
+    from cloud_trainer.collect import Collector, CollectorStats
+
+    store = _store(args)
+    conn = connection_from_args(args)
+    done = threading.Event()
+
+    def progress(stats: CollectorStats) -> None:
+        print(
+            f"batches {stats.batches}: {stats.new_records} new samples, {stats.duplicates} duplicates, "
+            f"{stats.malformed} malformed",
+            flush=True,
+        )
+        if args.count is not None and stats.new_records >= args.count:
+            done.set()
+
+    collector = Collector(
+        store=store,
+        fleet=args.fleet,
+        host=conn.host,
+        port=conn.port,
+        security=conn.security,
+        topic_root=conn.topic_root,
+        share_group=None if args.share_group == "" else args.share_group,
+        client_id=args.client_id,
+        protocol=args.mqtt_protocol,
+        on_batch=progress,
+    )
+    collector.start()
+    print(f"collecting {collector.topic} into {store.root} (Ctrl-C to stop)", flush=True)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: done.set())
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    while not done.wait(0.5):
+        if deadline is not None and time.monotonic() > deadline:
+            break
+    collector.stop()
+    stats = collector.stats
+    print(
+        f"stopped: {stats.new_records} new samples stored, {stats.duplicates} duplicates, {stats.malformed} malformed"
+    )
+    return 0
+
+
+def _cmd_samples(args: argparse.Namespace) -> int:
+    from cloud_trainer import labelling
+
+    store = _store(args)
+    if args.samples_command == "list":
+        labelled = True if args.labelled else (False if args.unlabelled else None)
+        rows = store.query(model=args.model, labelled=labelled, device=args.device, day=args.day, limit=args.limit)
+        for s in rows:
+            shown = (s.text or "<image>")[:60]
+            print(
+                f"{s.prediction_id}  {s.day}  {s.device:<16} v{s.version}  {s.predicted:<16} {s.score:.2f}  "
+                f"{s.label or '-':<16} {shown}"
+            )
+        counts = store.counts()
+        print(f"{len(rows)} shown; store: {counts['samples']} samples, {counts['labelled']} labelled")
+    elif args.samples_command == "show":
+        print(json.dumps(store.get(args.id).as_dict(), indent=2, ensure_ascii=False))
+    elif args.samples_command == "export":
+        rows = store.query(model=args.model, labelled=None if args.all else False)
+        write = labelling.export_label_studio if args.format == "label-studio" else labelling.export_csv
+        count = write(rows, args.out)
+        print(f"exported {count} {'' if args.all else 'unlabelled '}samples to {args.out}")
+    elif args.samples_command == "import":
+        pairs = labelling.read_labels(args.file)
+        count = store.set_labels(pairs, source="import")
+        print(f"imported {count} labels from {args.file}; store: {store.counts()['labelled']} labelled")
+    return 0
+
+
+def _cmd_sampling(args: argparse.Namespace) -> int:
+    from cloud_trainer.errors import CloudTrainError
+    from cloud_trainer.publish import Publisher
+    from edge_agent.protocol import Topics
+    from edge_agent.protocol.samples import SamplingPolicy
+    from edge_agent.protocol.topics import DEFAULT_ROOT
+
+    conn = connection_from_args(args)
+    try:
+        topics = Topics(fleet=args.fleet, root=conn.topic_root or DEFAULT_ROOT)
+        topic = topics.device_sampling(args.device) if args.device else topics.fleet_sampling(args.model)
+    except ValueError as exc:
+        raise CloudTrainError(str(exc)) from None
+    if args.clear:
+        payload = b""
+    else:
+        fields = {
+            k: getattr(args, k)
+            for k in ("low_confidence", "min_margin", "max_entropy", "random_rate", "per_class_per_hour", "per_hour")
+            if getattr(args, k) is not None
+        }
+        from pydantic import ValidationError
+
+        try:
+            policy = SamplingPolicy(enabled=not args.disable, **fields)
+        except ValidationError as exc:
+            raise CloudTrainError(f"sampling policy: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
+        payload = policy.to_bytes()
+    with Publisher(host=conn.host, port=conn.port, security=conn.security, protocol=args.mqtt_protocol) as pub:
+        pub.publish(topic, payload, retain=True)
+    print(f"{'cleared' if args.clear else 'published'} sampling policy on {topic}")
+    return 0
+
+
+def add_sample_commands(sub: Any) -> None:
+    c = sub.add_parser("collect", help="collect the fleet's samples into the sample store (runs until stopped)")
+    c.add_argument("--fleet", required=True)
+    c.add_argument("--store", type=Path, help=STORE_HELP)
+    c.add_argument(
+        "--share-group",
+        default="collectors",
+        help="MQTT 5 shared-subscription group: collectors in one group split the load ('' for none)",
+    )
+    c.add_argument("--client-id", default="cloud-train-collect", help="fixed, so the broker keeps the session")
+    c.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], default="5")
+    c.add_argument("--count", type=int, help="stop after this many new samples")
+    c.add_argument("--timeout", type=float, help="stop after this many seconds")
+    add_connection_arguments(c)
+    c.set_defaults(func=_cmd_collect)
+
+    s = sub.add_parser("samples", help="collected samples: list, show, export for labelling, import labels")
+    s.add_argument("--store", type=Path, help=STORE_HELP)
+    ss = s.add_subparsers(dest="samples_command", required=True)
+    ls = ss.add_parser("list", help="samples in the store")
+    ls.add_argument("--model")
+    ls.add_argument("--device")
+    ls.add_argument("--day", help="YYYY-MM-DD")
+    which = ls.add_mutually_exclusive_group()
+    which.add_argument("--labelled", action="store_true")
+    which.add_argument("--unlabelled", action="store_true")
+    ls.add_argument("--limit", type=int, default=50)
+    show = ss.add_parser("show", help="one sample, as JSON")
+    show.add_argument("id")
+    ex = ss.add_parser("export", help="write samples for labelling (unlabelled ones unless --all)")
+    ex.add_argument("--out", type=Path, required=True)
+    ex.add_argument("--format", choices=["csv", "label-studio"], default="csv")
+    ex.add_argument("--model")
+    ex.add_argument("--all", action="store_true", help="labelled ones too")
+    im = ss.add_parser("import", help="read labels back: a CSV with id,label columns or a Label Studio JSON export")
+    im.add_argument("file", type=Path)
+    s.set_defaults(func=_cmd_samples)
+
+    p = sub.add_parser("sampling", help="change the devices' sampling policy remotely (retained on the broker)")
+    ps = p.add_subparsers(dest="sampling_command", required=True)
+    st = ps.add_parser("set", help="publish a sampling policy for a fleet's model, or for one device")
+    st.add_argument("--fleet", required=True)
+    st.add_argument("--model", default="intents")
+    st.add_argument("--device", help="only this device (its policy wins over the fleet's)")
+    st.add_argument("--low-confidence", type=float, help="keep when the top score is below (default 0.6)")
+    st.add_argument("--min-margin", type=float, help="keep when top-1 minus top-2 is below")
+    st.add_argument("--max-entropy", type=float, help="keep when the normalised entropy is above (0..1)")
+    st.add_argument("--random-rate", type=float, help="keep this share of all predictions")
+    st.add_argument("--per-class-per-hour", type=int)
+    st.add_argument("--per-hour", type=int)
+    st.add_argument("--disable", action="store_true", help="stop sampling")
+    st.add_argument("--clear", action="store_true", help="remove the retained policy (devices fall back)")
+    st.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], default="5")
+    add_connection_arguments(st)
+    p.set_defaults(func=_cmd_sampling)

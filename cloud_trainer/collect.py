@@ -1,0 +1,172 @@
+"""``cloud-train collect``: a long-running collector of the fleet's samples into the sample store.
+
+It subscribes to ``$share/<group>/{root}/{fleet}/devices/+/samples`` (an MQTT 5 shared
+subscription: run several collectors with the same group and the broker splits the fleet's
+batches between them) at QoS 1, with a persistent session (a fixed client id, ``clean_start``
+false, a week's session expiry), so batches published while the collector is away wait on the
+broker. A batch is acknowledged (manual PUBACK) only after it is stored, so a crash or a store
+failure means redelivery, and the store's id index makes that harmless.
+A malformed batch is logged, counted and acknowledged: a poison message must not come back forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from cloud_trainer.errors import BrokerError
+from cloud_trainer.sample_store import SampleStore
+from edge_agent.mqtt_security import MqttSecurity
+from edge_agent.protocol import ProtocolError, Topics
+from edge_agent.protocol.samples import SampleBatch
+from edge_agent.protocol.topics import DEFAULT_ROOT
+from edge_agent.transport import protocol_version
+
+log = logging.getLogger(__name__)
+
+SESSION_EXPIRY_S = 7 * 24 * 3600
+
+
+@dataclass
+class CollectorStats:
+    batches: int = 0
+    new_records: int = 0
+    duplicates: int = 0
+    malformed: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class Collector:
+    """Collects one fleet's samples into ``store``; ``start()`` then ``stop()``, or a context manager.
+
+    Args:
+        store: where samples go.
+        fleet: the fleet whose devices' samples to collect.
+        host, port: the broker.
+        share_group: the shared-subscription group; ``None`` for a plain subscription.
+        client_id: fixed, so the broker keeps this collector's session (and queued batches).
+        protocol: ``"5"`` or ``"3.1.1"`` (no session expiry there; the session is kept until cleaned).
+        security: TLS and credentials (the collector identity from ``cloud-train pki init``).
+        topic_root: the topic prefix.
+        on_batch: called after each stored batch with the stats so far (tests and progress).
+    """
+
+    def __init__(
+        self,
+        *,
+        store: SampleStore,
+        fleet: str,
+        host: str,
+        port: int,
+        share_group: str | None = "collectors",
+        client_id: str = "cloud-train-collect",
+        protocol: str = "5",
+        security: MqttSecurity | None = None,
+        topic_root: str | None = None,
+        on_batch: Callable[[CollectorStats], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.host, self.port = host, port
+        topic = Topics(fleet=fleet, root=topic_root or DEFAULT_ROOT).all_samples()
+        self.topic = f"$share/{share_group}/{topic}" if share_group else topic
+        self.stats = CollectorStats()
+        self._on_batch = on_batch
+        self._protocol = protocol
+        self._subscribed = threading.Event()
+        self._refused: str | None = None
+        self._client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=protocol_version(protocol),
+            clean_session=False if protocol == "3.1.1" else None,
+            manual_ack=True,
+        )
+        if security is not None:
+            security.apply(self._client)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self._client.on_connect = self._on_connect
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_message = self._on_message
+
+    def start(self, *, wait_s: float = 10.0) -> None:
+        """Connect and subscribe; raise :class:`BrokerError` if that does not happen within ``wait_s``."""
+        kwargs: dict[str, Any] = {}
+        if self._protocol == "5":
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = SESSION_EXPIRY_S
+            kwargs = {"clean_start": False, "properties": props}
+        try:
+            self._client.connect(self.host, self.port, keepalive=30, **kwargs)
+        except OSError as exc:
+            raise BrokerError(f"cannot reach MQTT broker {self.host}:{self.port}: {exc.strerror or exc}") from None
+        self._client.loop_start()
+        if not self._subscribed.wait(wait_s) or self._refused:
+            self._client.loop_stop()
+            why = self._refused or f"no subscription within {wait_s:g}s"
+            raise BrokerError(f"MQTT broker {self.host}:{self.port}: cannot collect samples: {why}")
+        log.info("collecting %s into %s", self.topic, self.store.root)
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def __enter__(self) -> Collector:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    # -- paho callbacks (network thread) ---------------------------------------------------------
+    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if getattr(reason, "is_failure", False):
+            self._refused = str(reason)
+            self._subscribed.set()
+            return
+        client.subscribe(self.topic, qos=1)  # again after every reconnect; the session may be new
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, reasons: list[Any], _p: Any) -> None:
+        failed = [str(r) for r in reasons if getattr(r, "is_failure", False)]
+        if failed:
+            self._refused = f"subscription to {self.topic} refused: {', '.join(failed)}"
+        self._subscribed.set()
+
+    def _on_message(self, client: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            stored = self._store(message)
+        except Exception as exc:  # not acknowledged: the broker delivers it again
+            self.stats.errors.append(f"{message.topic}: cannot store: {exc}")
+            log.exception("cannot store a batch from %s; it stays unacknowledged", message.topic)
+            return
+        client.ack(message.mid, message.qos)
+        if stored and self._on_batch is not None:
+            self._on_batch(self.stats)
+
+    def _store(self, message: mqtt.MQTTMessage) -> bool:
+        try:
+            batch = SampleBatch.from_bytes(bytes(message.payload))
+        except ProtocolError as exc:
+            self.stats.malformed += 1
+            self.stats.errors.append(f"{message.topic}: {exc}")
+            log.error("dropped a malformed batch on %s: %s", message.topic, exc)
+            return False
+        device = message.topic.split("/")[-2]
+        if batch.device != device or any(r.device != device for r in batch.records):
+            self.stats.malformed += 1
+            self.stats.errors.append(f"{message.topic}: records claim another device")
+            log.error("dropped a batch on %s whose records claim another device", message.topic)
+            return False
+        result = self.store.add_batch(batch)
+        self.stats.batches += 1
+        self.stats.new_records += result.new_records
+        self.stats.duplicates += result.duplicates
+        log.info("batch from %s: %d new, %d already stored", device, result.new_records, result.duplicates)
+        return True
