@@ -211,7 +211,10 @@ def agent_process(
 ) -> Iterator[Callable[..., AgentProcess]]:
     started: list[AgentProcess] = []
 
-    def make(*, broker: LocalBroker | None = None, env: dict[str, str] | None = None, **update: Any) -> AgentProcess:
+    def make(
+        *, broker: LocalBroker | None = None, env: dict[str, str] | None = None, extra_toml: str = "", **update: Any
+    ) -> AgentProcess:
+        """``update`` sets ``[update]`` keys; ``extra_toml`` adds whole sections (``[sampling]``...)."""
         port = free_port()
         config = tmp_path / "agent.toml"
         config.write_text(
@@ -223,6 +226,7 @@ def agent_process(
                 http_port=port,
                 **update,
             )
+            + extra_toml
         )
         agent = AgentProcess(config_path=config, http_port=port, log_path=tmp_path / "agent.log", env=env or {})
         agent.start()

@@ -1,0 +1,196 @@
+"""Samples from a real agent process through a real Mosquitto into the cloud's store, under faults:
+a broker outage, kill -9 with samples queued, a full outbox."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from cloud_trainer.collect import Collector
+from cloud_trainer.localbroker import LocalBroker, start_local_broker
+from cloud_trainer.publish import push_bundle
+from cloud_trainer.sample_store import SampleStore
+from edge_agent.protocol import Topics
+from tests.conftest import AgentProcess, Keys
+from tests.tinymodel import make_tiny_bundle
+
+SAMPLE_EVERYTHING = """
+[sampling]
+low_confidence = 0.0
+random_rate = 1.0
+per_class_per_hour = 100000
+per_hour = 100000
+
+[outbox]
+upload_interval_s = 0.5
+ack_timeout_s = 3
+retry_max_s = 1
+"""
+
+TEXTS = ["turn on the lights", "switch off", "lights on please", "off now", "on"]
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[LocalBroker]:
+    """A broker of this test's own, with persistence, so it can be stopped and started again."""
+    own = start_local_broker(prefer="mosquitto", persistence=True, workdir=tmp_path / "broker")
+    yield own
+    own.stop()
+
+
+def collector_for(store: SampleStore, broker: LocalBroker, fleet: str) -> Collector:
+    collector = Collector(store=store, fleet=fleet, host=broker.host, port=broker.port, client_id=f"collect-{fleet}")
+    collector.start()
+    return collector
+
+
+def predict_ids(agent: AgentProcess, texts: list[str]) -> list[str]:
+    status, body = agent.predict(texts)
+    assert status == 200, body
+    return [p["id"] for p in body["predictions"]]
+
+
+def metric(agent: AgentProcess, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{agent.http_port}/metrics", timeout=10).read().decode()
+    match = re.search(rf"^{name} ([0-9.e+]+)$", text, re.MULTILINE)
+    assert match, f"{name} not in /metrics"
+    return float(match.group(1))
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def stored_ids(store: SampleStore) -> set[str]:
+    return {s.prediction_id for s in store.query()}
+
+
+def start_serving(
+    tmp_path: Path, broker: LocalBroker, fleet: str, keys: Keys, agent_process: Callable[..., AgentProcess],
+    extra: str = SAMPLE_EVERYTHING,
+) -> AgentProcess:  # fmt: skip
+    make_tiny_bundle(tmp_path / "v1", version=1)
+    push_bundle(tmp_path / "v1", host=broker.host, port=broker.port, fleet=fleet, key_path=keys.private)
+    agent = agent_process(broker=broker, extra_toml=extra)
+    agent.wait_version(1)
+    return agent
+
+
+def test_broker_outage_then_every_sample_arrives_exactly_once(
+    tmp_path: Path, broker: LocalBroker, fleet: str, keys: Keys, agent_process: Callable[..., AgentProcess]
+) -> None:
+    store = SampleStore(tmp_path / "store")
+    collector = collector_for(store, broker, fleet)
+    agent = start_serving(tmp_path, broker, fleet, keys, agent_process)
+    before = predict_ids(agent, TEXTS)
+    wait_until(lambda: stored_ids(store) >= set(before), "the first samples to arrive")
+
+    broker.stop()
+    during: list[str] = []
+    for i in range(12):  # the agent keeps serving; samples pile up in its outbox
+        during += predict_ids(agent, [f"{TEXTS[i % 5]} {i}", f"lights {i}"])
+    wait_until(lambda: metric(agent, "edge_agent_samples_queued") == 24, "24 samples queued in the outbox")
+    broker.restart()
+
+    wait_until(lambda: stored_ids(store) >= set(during), "the queued samples to arrive after the outage", 90)
+    time.sleep(2)  # anything sent twice would have arrived by now
+    counts = store.counts()
+    print(f"\nstored {counts['samples']} samples from {len(before) + len(during)} predictions; "
+          f"collector saw {collector.stats.duplicates} duplicate records")  # fmt: skip
+    assert stored_ids(store) == set(before + during)
+    assert counts["samples"] == counts["records_received"] == 29
+    assert metric(agent, "edge_agent_samples_queued") == 0
+    assert metric(agent, "edge_agent_samples_dropped") == 0
+    collector.stop()
+
+
+def test_kill_9_with_samples_queued_loses_none(
+    tmp_path: Path, broker: LocalBroker, fleet: str, keys: Keys, agent_process: Callable[..., AgentProcess]
+) -> None:
+    agent = start_serving(tmp_path, broker, fleet, keys, agent_process)
+    broker.stop()
+    ids: list[str] = []
+    for i in range(10):
+        ids += predict_ids(agent, [f"turn on light {i}", f"off {i}"])
+    wait_until(lambda: metric(agent, "edge_agent_samples_queued") == 20, "20 samples in the outbox")
+    assert agent.process is not None
+    agent.process.kill()  # kill -9: no chance to flush anything
+    agent.process.wait()
+
+    broker.restart()
+    store = SampleStore(tmp_path / "store")
+    collector = collector_for(store, broker, fleet)
+    agent.start()
+    wait_until(lambda: stored_ids(store) >= set(ids), "every queued sample after the restart", 90)
+    assert stored_ids(store) == set(ids)
+    collector.stop()
+
+
+class TelemetryListener:
+    def __init__(self, broker: LocalBroker, topic: str) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client.on_connect = lambda c, *_: c.subscribe(topic)
+        self.client.on_message = self._on_message
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+
+    def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.messages.append(json.loads(msg.payload))
+
+    def latest(self) -> dict[str, Any] | None:
+        with self._lock:
+            return self.messages[-1] if self.messages else None
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def test_full_outbox_drops_the_oldest_counts_and_reports_them(
+    tmp_path: Path, broker: LocalBroker, fleet: str, keys: Keys, agent_process: Callable[..., AgentProcess]
+) -> None:
+    small = SAMPLE_EVERYTHING.replace("[outbox]\n", "[outbox]\nmax_bytes = 4096\n") + "\n"
+    small += "[serving]\ntelemetry_interval_s = 1\n"
+    agent = start_serving(tmp_path, broker, fleet, keys, agent_process, extra=small)
+    broker.stop()
+    ids = []
+    for i in range(30):
+        ids += predict_ids(agent, [f"turn on the lights number {i}"])
+    wait_until(lambda: metric(agent, "edge_agent_samples_queued") + metric(agent, "edge_agent_samples_dropped") == 30,
+               "every sample queued or dropped")  # fmt: skip
+    queued = int(metric(agent, "edge_agent_samples_queued"))
+    dropped = int(metric(agent, "edge_agent_samples_dropped"))
+    print(f"\noutbox of 4096 bytes: {queued} samples kept, {dropped} oldest dropped")
+    assert dropped > 0 and queued > 0
+
+    broker.restart()
+    listener = TelemetryListener(broker, Topics(fleet=fleet).device_telemetry("dev-1"))
+    store = SampleStore(tmp_path / "store")
+    collector = collector_for(store, broker, fleet)
+    try:
+        wait_until(lambda: len(stored_ids(store)) >= queued, "the kept samples to arrive", 90)
+        assert stored_ids(store) == set(ids[-queued:])  # the newest survived, the oldest were dropped
+        wait_until(lambda: (listener.latest() or {}).get("samples", {}).get("queued") == 0, "telemetry after upload")
+        report = listener.latest()
+        assert report is not None
+        assert report["samples"]["dropped"] == dropped
+        assert report["samples"]["uploaded"] == queued
+    finally:
+        listener.close()
+        collector.stop()

@@ -1,0 +1,246 @@
+"""The sample path's parts on their own: sampling rules and caps, the outbox, the cloud store, labelling.
+
+Each is also exercised with a real broker and agent in tests/test_sample_upload.py and
+tests/test_retraining_loop.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+
+from cloud_trainer.errors import DataError
+from cloud_trainer.labelling import export_csv, export_label_studio, labelled_texts, read_labels
+from cloud_trainer.sample_store import SampleStore, SampleStoreError
+from edge_agent.outbox import Outbox
+from edge_agent.protocol.errors import MalformedPayload
+from edge_agent.protocol.samples import SampleBatch, SampleRecord, SamplingPolicy, SamplingRules
+from edge_agent.runtime import Prediction
+from edge_agent.sampling import Sampler, UnknownPrediction, reasons_for
+
+
+def prediction(scores: dict[str, float]) -> Prediction:
+    label = max(scores, key=scores.__getitem__)
+    return Prediction(label=label, score=scores[label], scores=scores)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_sampler(rules: SamplingRules, kept: list[SampleRecord], clock: Clock | None = None) -> Sampler:
+    return Sampler(rules=rules, device="dev-1", fleet="f", model="intents", sink=kept.extend, remember=8,
+                   clock=clock or Clock(), seed=1)  # fmt: skip
+
+
+# -- rules --------------------------------------------------------------------------------------
+def test_each_rule_fires_on_its_own_kind_of_hard_example() -> None:
+    import random
+
+    rng = random.Random(0)
+    confident = prediction({"a": 0.95, "b": 0.04, "c": 0.01})
+    unsure = prediction({"a": 0.45, "b": 0.40, "c": 0.15})
+    assert reasons_for(confident, SamplingRules(low_confidence=0.6), rng) == []
+    assert reasons_for(unsure, SamplingRules(low_confidence=0.6), rng) == ["low_confidence"]
+    assert reasons_for(unsure, SamplingRules(low_confidence=None, min_margin=0.1), rng) == ["small_margin"]
+    assert reasons_for(confident, SamplingRules(low_confidence=None, min_margin=0.1), rng) == []
+    assert reasons_for(unsure, SamplingRules(low_confidence=None, max_entropy=0.8), rng) == ["high_entropy"]
+    assert reasons_for(confident, SamplingRules(low_confidence=None, max_entropy=0.8), rng) == []
+    always = SamplingRules(low_confidence=None, random_rate=1.0)
+    assert reasons_for(confident, always, rng) == ["random"]
+    share = SamplingRules(low_confidence=None, random_rate=0.25)
+    hits = sum(bool(reasons_for(confident, share, rng)) for _ in range(4000))
+    assert 800 < hits < 1200
+
+
+def test_sampler_keeps_hard_examples_within_hourly_caps() -> None:
+    kept: list[SampleRecord] = []
+    clock = Clock()
+    sampler = make_sampler(SamplingRules(low_confidence=0.6, per_class_per_hour=3, per_hour=5), kept, clock)
+    unsure_a = prediction({"a": 0.5, "b": 0.5})
+    unsure_b = prediction({"b": 0.55, "a": 0.45})
+    sure = prediction({"a": 0.99, "b": 0.01})
+    ids = sampler.observe(["x"] * 6, [unsure_a] * 5 + [sure], 3, text=True)
+    assert len(set(ids)) == 6
+    assert [r.prediction_id for r in kept] == ids[:3]  # per class cap: 3 of class a
+    sampler.observe(["y"] * 4, [unsure_b] * 4, 3, text=True)
+    assert len(kept) == 5  # overall cap: 5 an hour
+    clock.now += 3601  # the window slides
+    sampler.observe(["z"], [unsure_a], 3, text=True)
+    assert len(kept) == 6
+    record = kept[0]
+    assert (record.text, record.version, record.reasons, record.kind) == ("x", 3, ["low_confidence"], "sample")
+    assert record.id == record.prediction_id and record.label is None
+
+
+def test_feedback_names_a_recent_prediction_and_carries_its_input() -> None:
+    kept: list[SampleRecord] = []
+    sampler = make_sampler(SamplingRules(enabled=False), kept)
+    ids = sampler.observe(["turn it up", "dim"], [prediction({"a": 0.9, "b": 0.1})] * 2, 2, text=True)
+    assert kept == []  # sampling off: nothing kept, but predictions are remembered for feedback
+    record = sampler.feedback(ids[1], "lights_dim")
+    assert (record.kind, record.label, record.text, record.prediction_id) == ("feedback", "lights_dim", "dim", ids[1])
+    assert record.id != ids[1] and kept == [record]
+    sampler.observe(["more"] * 8, [prediction({"a": 0.9, "b": 0.1})] * 8, 2, text=True)  # remembers 8
+    with pytest.raises(UnknownPrediction, match="unknown or too old"):
+        sampler.feedback(ids[0], "x")
+
+
+def test_remote_policy_round_trip_and_bad_policy() -> None:
+    policy = SamplingPolicy(low_confidence=0.8, random_rate=0.1)
+    assert SamplingPolicy.from_bytes(policy.to_bytes()).rules() == SamplingRules(low_confidence=0.8, random_rate=0.1)
+    with pytest.raises(MalformedPayload, match="random_rate"):
+        SamplingPolicy.from_bytes(b'{"random_rate": 2}')
+    with pytest.raises(MalformedPayload):
+        SamplingPolicy.from_bytes(b"not json")
+
+
+def test_batch_wire_format_is_gzip_json_and_refuses_garbage() -> None:
+    kept: list[SampleRecord] = []
+    make_sampler(SamplingRules(random_rate=1.0), kept).observe(["hi"], [prediction({"a": 1.0})], 1, text=True)
+    batch = SampleBatch(device="dev-1", fleet="f", sent_at="2026-11-25T00:00:00+00:00", records=kept)
+    wire = batch.to_bytes()
+    assert wire[:2] == b"\x1f\x8b"
+    assert SampleBatch.from_bytes(wire) == batch
+    with pytest.raises(MalformedPayload, match="not gzip JSON"):
+        SampleBatch.from_bytes(b"\x1f\x8b broken")
+    with pytest.raises(MalformedPayload, match="does not validate"):
+        SampleBatch.from_bytes(b'{"schema": "edgeloop.samples/1", "records": []}')
+
+
+# -- outbox ---------------------------------------------------------------------------------------
+def test_outbox_is_fifo_durable_and_ignores_repeated_ids(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.sqlite", max_bytes=1 << 20)
+    box.put([("a", b"1" * 10), ("b", b"2" * 10)])
+    box.put([("b", b"2" * 10), ("c", b"3" * 10)])
+    assert [i.id for i in box.peek(max_items=10)] == ["a", "b", "c"]
+    box.ack(box.peek(max_items=1))
+    box.close()
+    box = Outbox(tmp_path / "o.sqlite", max_bytes=1 << 20)  # as after a restart
+    assert [i.id for i in box.peek(max_items=10)] == ["b", "c"]
+    stats = box.stats()
+    assert (stats.queued, stats.bytes, stats.dropped, stats.uploaded) == (2, 20, 0, 1)
+
+
+def test_full_outbox_drops_the_oldest_and_counts_them(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.sqlite", max_bytes=4096)
+    for i in range(100):
+        box.put([(f"r{i:03d}", b"x" * 100)])
+    stats = box.stats()
+    assert stats.queued == 40 and stats.bytes == 4000
+    assert stats.dropped == 60
+    assert [i.id for i in box.peek(max_items=100)] == [f"r{i:03d}" for i in range(60, 100)]
+    box.close()
+    assert Outbox(tmp_path / "o.sqlite", max_bytes=4096).stats().dropped == 60  # the count survives restarts
+
+
+def test_unopenable_outbox_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "o.sqlite").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(OSError, match="cannot open the sample outbox"):
+        Outbox(tmp_path / "o.sqlite", max_bytes=4096)
+
+
+# -- cloud store and labelling ---------------------------------------------------------------------
+def records(n: int, *, device: str = "dev-1") -> list[SampleRecord]:
+    kept: list[SampleRecord] = []
+    sampler = Sampler(rules=SamplingRules(random_rate=1.0), device=device, fleet="f", model="intents",
+                      sink=kept.extend, seed=1)  # fmt: skip
+    sampler.observe([f"text {i}" for i in range(n)], [prediction({"a": 0.7, "b": 0.3})] * n, 1, text=True)
+    return kept
+
+
+def batch_of(recs: list[SampleRecord]) -> SampleBatch:
+    return SampleBatch(device=recs[0].device, fleet="f", sent_at="2026-11-25T00:00:00+00:00", records=recs)
+
+
+def test_store_keeps_each_record_once_in_parquet_that_pyarrow_reads(tmp_path: Path) -> None:
+    store = SampleStore(tmp_path / "store")
+    recs = records(5)
+    assert store.add_batch(batch_of(recs)).new_records == 5
+    again = store.add_batch(batch_of(recs[3:] + records(2)))  # at-least-once: a batch sent twice, plus new ones
+    assert (again.new_records, again.duplicates) == (2, 2)
+    assert store.counts() == {"samples": 7, "labelled": 0, "records_received": 7}
+    table = ds.dataset(tmp_path / "store" / "data", format="parquet", partitioning="hive").to_table()
+    assert table.num_rows == 7
+    assert set(table.column("model").to_pylist()) == {"intents"}
+    assert sorted(table.column("text").to_pylist())[:1] == ["text 0"]
+    import pandas as pd
+
+    frame = pd.read_parquet(tmp_path / "store" / "data")
+    assert len(frame) == 7 and set(frame["model"]) == {"intents"}
+    from datasets import load_dataset
+
+    files = [str(p) for p in (tmp_path / "store" / "data").rglob("*.parquet")]
+    loaded = load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf-cache"))
+    assert loaded.num_rows == 7 and "text" in loaded.column_names
+
+
+def test_store_removes_a_part_that_was_written_but_never_indexed(tmp_path: Path) -> None:
+    store = SampleStore(tmp_path / "store")
+    store.add_batch(batch_of(records(2)))
+    day = next((tmp_path / "store" / "data" / "model=intents").iterdir())
+    orphan = day / "part-crashed.parquet"
+    orphan.write_bytes(b"half")
+    store.close()
+    SampleStore(tmp_path / "store")
+    assert not orphan.exists()
+    assert len(list(day.iterdir())) == 1
+
+
+def test_device_feedback_labels_a_stored_sample(tmp_path: Path) -> None:
+    store = SampleStore(tmp_path / "store")
+    kept: list[SampleRecord] = []
+    sampler = Sampler(rules=SamplingRules(random_rate=1.0), device="dev-1", fleet="f", model="intents",
+                      sink=kept.extend, seed=1)  # fmt: skip
+    (pid,) = sampler.observe(["dim the lights"], [prediction({"a": 0.7, "b": 0.3})], 1, text=True)
+    store.add_batch(batch_of(kept[:1]))
+    feedback = sampler.feedback(pid, "lights_dim")
+    store.add_batch(batch_of([feedback]))
+    stored = store.get(pid)
+    assert (stored.label, stored.label_source) == ("lights_dim", "device")
+    assert "feedback" in stored.reasons
+
+
+def test_export_and_import_labels_as_csv_and_label_studio(tmp_path: Path) -> None:
+    store = SampleStore(tmp_path / "store")
+    store.add_batch(batch_of(records(3)))
+    unlabelled = store.query(model="intents", labelled=False)
+    assert export_csv(unlabelled, tmp_path / "todo.csv") == 3
+    rows = list(csv.DictReader((tmp_path / "todo.csv").open()))
+    assert [r["label"] for r in rows] == ["", "", ""]
+    rows[0]["label"], rows[1]["label"] = "lights_on", "lights_off"
+    with (tmp_path / "done.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert store.set_labels(read_labels(tmp_path / "done.csv")) == 2
+    assert store.counts()["labelled"] == 2
+
+    export_label_studio(store.query(labelled=False), tmp_path / "ls.json")
+    tasks = json.loads((tmp_path / "ls.json").read_text())
+    assert tasks[0]["data"]["text"] == rows[2]["text"]
+    tasks[0]["annotations"] = [{"result": [{"type": "choices", "value": {"choices": ["volume_up"]}}]}]
+    (tmp_path / "ls.json").write_text(json.dumps(tasks))
+    assert store.set_labels(read_labels(tmp_path / "ls.json")) == 1
+    data = labelled_texts(store, "intents")
+    assert sorted(data.labels) == ["lights_off", "lights_on", "volume_up"]
+
+
+def test_bad_label_files_are_clear_errors(tmp_path: Path) -> None:
+    store = SampleStore(tmp_path / "store")
+    (tmp_path / "x.csv").write_text("sample,label\n1,a\n")
+    with pytest.raises(DataError, match="no column id"):
+        read_labels(tmp_path / "x.csv")
+    (tmp_path / "y.csv").write_text("id,label\n" + "0" * 32 + ",a\n")
+    with pytest.raises(SampleStoreError, match=r"no sample .* nothing was imported"):
+        store.set_labels(read_labels(tmp_path / "y.csv"))
+    with pytest.raises(DataError, match="does not exist"):
+        read_labels(tmp_path / "missing.csv")
