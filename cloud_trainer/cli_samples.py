@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import threading
 import time
@@ -141,8 +142,9 @@ def add_sample_commands(sub: Any) -> None:
     c.add_argument("--store", type=Path, help=STORE_HELP)
     c.add_argument(
         "--share-group",
-        default="collectors",
-        help="MQTT 5 shared-subscription group: collectors in one group split the load ('' for none)",
+        default=os.environ.get("EDGELOOP_SHARE_GROUP", "collectors"),
+        help="MQTT 5 shared-subscription group; collectors in one group split the load "
+        "(default: $EDGELOOP_SHARE_GROUP, else collectors; '' for a plain subscription)",
     )
     c.add_argument("--client-id", default="cloud-train-collect", help="fixed, so the broker keeps the session")
     c.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], default="5")

@@ -74,6 +74,7 @@ class Collector:
         on_batch: Callable[[CollectorStats], None] | None = None,
     ) -> None:
         self.store = store
+        self.fleet = fleet
         self.host, self.port = host, port
         topic = Topics(fleet=fleet, root=topic_root or DEFAULT_ROOT).all_samples()
         self.topic = f"$share/{share_group}/{topic}" if share_group else topic
@@ -159,10 +160,11 @@ class Collector:
             log.error("dropped a malformed batch on %s: %s", message.topic, exc)
             return False
         device = message.topic.split("/")[-2]
-        if batch.device != device or any(r.device != device for r in batch.records):
+        claims = {batch.device, *(r.device for r in batch.records)}, {batch.fleet, *(r.fleet for r in batch.records)}
+        if claims != ({device}, {self.fleet}):
             self.stats.malformed += 1
-            self.stats.errors.append(f"{message.topic}: records claim another device")
-            log.error("dropped a batch on %s whose records claim another device", message.topic)
+            self.stats.errors.append(f"{message.topic}: records claim another device or fleet")
+            log.error("dropped a batch on %s whose records claim another device or fleet", message.topic)
             return False
         result = self.store.add_batch(batch)
         self.stats.batches += 1

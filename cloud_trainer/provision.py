@@ -157,6 +157,10 @@ class Pki:
             "password_port": password_port,
             "topic_root": topic_root,
             "release_key": str(release_key.resolve()) if release_key else None,
+            # Mosquitto's acl_file cannot refuse a SUBSCRIBE: a device that joined the collectors'
+            # $share group would be handed every other batch, which the broker then drops (it may
+            # not read them). A group name no device can guess keeps devices out of the rotation.
+            "share_group": f"collectors-{secrets.token_hex(12)}",
         }
         write_public(root / "pki.json", json.dumps(settings, indent=2).encode() + b"\n")
         (root / "identities.json").write_text(json.dumps({"devices": {}, "revoked_serials": []}, indent=2) + "\n")
@@ -182,6 +186,13 @@ class Pki:
                 '[mqtt.tls]\nca_file = "ca.crt"\ncert_file = "client.crt"\nkey_file = "client.key"\n'
             ).encode(),
         )
+        if identity == COLLECTOR_IDENTITY:  # read by the collector's unit (EnvironmentFile=) and `collect`
+            write_private(out / "share.env", f"EDGELOOP_SHARE_GROUP={self.share_group}\n".encode())
+
+    @property
+    def share_group(self) -> str:
+        """The collectors' secret shared-subscription group (see ``init``)."""
+        return str(self.settings.get("share_group") or "collectors")
 
     # -- identities -------------------------------------------------------------------------------
     def _identities(self) -> dict[str, Any]:

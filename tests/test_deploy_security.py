@@ -5,26 +5,33 @@ configuration (deploy/mosquitto/edgeloop.conf), identities from `cloud-train pki
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import shlex
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from cloud_trainer.cli import build_parser
+from cloud_trainer.collect import Collector
 from cloud_trainer.localbroker import free_port
 from cloud_trainer.provision import Pki
 from cloud_trainer.publish import push_bundle
+from cloud_trainer.sample_store import SampleStore
 from edge_agent.config import load_config
 from edge_agent.mqtt_security import MqttSecurity, load_mqtt_file
 from edge_agent.protocol import Topics
-from tests.conftest import AgentProcess, Keys
+from tests.conftest import AgentProcess, Keys, http_json
 from tests.mqttclient import TestClient, request_properties
 from tests.securebroker import SecureBroker, start_secure_broker
 from tests.tinymodel import make_tiny_bundle
 
 FLEET = "plant-7"
 OTHER_FLEET = "plant-9"
+SAMPLES_FLEET = "plant-5"  # the sample loop's own fleet: no retained release from the tests above
 T = Topics(fleet=FLEET)
+REPO = Path(__file__).parents[1]
 
 
 @dataclass
@@ -272,3 +279,173 @@ def test_update_and_inference_over_tls_end_to_end(deployment: Deployment, keys: 
     finally:
         cloud.close()
         assert agent.stop() == 0, agent.log()
+
+
+def _wait_for(what: str, predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:g}s"
+        time.sleep(0.1)
+
+
+def test_samples_and_feedback_reach_the_collector_over_tls_end_to_end(
+    deployment: Deployment, keys: Keys, tmp_path: Path
+) -> None:
+    """The whole sample loop on the secure broker: a provisioned agent samples its predictions and
+    uploads them with its certificate; the collector identity (its mqtt.toml as `pki init` wrote it)
+    receives them through the $share subscription and stores each prediction once."""
+    config_dir = tmp_path / "etc-edge-agent"
+    deployment.pki.add_device("cam-s1", fleet=SAMPLES_FLEET, out=config_dir, state_dir=str(tmp_path / "state"))
+    deployment.broker.sync()
+    port = free_port()
+    config = config_dir / "agent.toml"
+    config.write_text(
+        config.read_text()
+        + f"\n[http]\nport = {port}\n"
+        + "\n[sampling]\nrandom_rate = 1.0\n"  # every prediction is kept ...
+        + "\n[outbox]\nupload_interval_s = 0.2\n"  # ... and uploaded soon
+    )
+    collector_mqtt = load_mqtt_file(deployment.pki.root / "collector" / "mqtt.toml")
+    store = SampleStore(tmp_path / "samples")
+    collector = Collector(
+        store=store, fleet=SAMPLES_FLEET, host=collector_mqtt.host, port=collector_mqtt.port,
+        security=MqttSecurity.from_config(collector_mqtt), topic_root=collector_mqtt.topic_root,
+        client_id="collector-e2e",
+    )  # fmt: skip
+    assert (collector_mqtt.host, collector_mqtt.port) == (deployment.broker.host, deployment.broker.port)
+    assert collector.topic == f"$share/collectors/{Topics(fleet=SAMPLES_FLEET).all_samples()}"
+    collector.start()  # raises if the broker refused the identity or the subscription
+    agent = AgentProcess(config_path=config, http_port=port, log_path=tmp_path / "agent.log").start()
+    try:
+        make_tiny_bundle(tmp_path / "v1", version=1)
+        push_bundle(
+            tmp_path / "v1", host=deployment.broker.host, port=deployment.broker.port, fleet=SAMPLES_FLEET,
+            key_path=keys.private, security=deployment.service_security("cloud"),
+        )  # fmt: skip
+        agent.wait_version(1)
+        texts = ["turn on the lights", "switch off", "dark", "the bright lights"]
+        predictions = []
+        for batch in (texts[:1], texts[1:]):  # two requests, so probably more than one upload
+            status, body = agent.predict(batch)
+            assert status == 200, body
+            predictions += body["predictions"]
+        ids = [p["id"] for p in predictions]
+        assert len(set(ids)) == len(texts)
+
+        def stored_ids() -> set[str]:
+            return {s.prediction_id for s in store.query()}
+
+        _wait_for("the collector stores every prediction", lambda: stored_ids() >= set(ids))
+        samples = {s.prediction_id: s for s in store.query(model="intents")}
+        assert set(samples) == set(ids)  # exactly those: nothing from the golden checks, nothing twice
+        for prediction_id, text, prediction in zip(ids, texts, predictions, strict=True):
+            sample = samples[prediction_id]
+            assert (sample.device, sample.fleet, sample.version, sample.text) == ("cam-s1", SAMPLES_FLEET, 1, text)
+            assert (sample.predicted, sample.label) == (prediction["label"], None)
+            assert "random" in sample.reasons.split(",")
+
+        # Feedback: the app reports the true label of one prediction; it travels the same way.
+        status, body = http_json(port, "POST", "/v1/feedback", {"id": ids[1], "label": "lights_on"})
+        assert status == 202, body
+        _wait_for("the label arrives", lambda: store.get(ids[1]).label is not None)
+        labelled = store.get(ids[1])
+        assert (labelled.label, labelled.label_source, labelled.predicted) == ("lights_on", "device", "lights_off")
+        assert store.counts() == {"samples": len(texts), "labelled": 1, "records_received": len(texts) + 1}
+        assert [s.prediction_id for s in store.query(labelled=True)] == [ids[1]]
+        assert (collector.stats.malformed, collector.stats.errors) == (0, [])
+        assert collector.stats.new_records == len(texts) + 1
+    finally:
+        assert agent.stop() == 0, agent.log()
+        collector.stop()
+        store.close()
+
+
+DIVERT_FLEET = "plant-4"  # no other collector session on its samples
+BATCHES = [f"batch {i}".encode() for i in range(6)]
+
+
+@dataclass
+class SampleTraffic:
+    collector: list[bytes]  # what the collector received of cam-s3's batches, in order
+    intruder: list[str]  # the topics cam-s2 received on
+
+
+def _samples_past_an_intruder(deployment: Deployment, intruder_topics: list[str], group: str) -> SampleTraffic:
+    """cam-s3 publishes six sample batches while cam-s2 (same fleet) holds ``intruder_topics`` and a
+    collector holds ``$share/{group}/...`` on the fleet's samples."""
+    fleet = Topics(fleet=DIVERT_FLEET)
+    for name in ("cam-s2", "cam-s3"):
+        if not (deployment.root / name).exists():
+            deployment.pki.add_device(name, fleet=DIVERT_FLEET, out=deployment.root / name)
+    deployment.broker.sync()
+    collector = deployment.connect(deployment.service_security("collector"), client_id=f"collector-{group}")
+    cloud = deployment.connect(deployment.service_security("cloud"), client_id=f"cloud-{group}")
+    cam2, cam3 = deployment.device("cam-s2"), deployment.device("cam-s3")
+    try:
+        assert collector.subscribe(f"$share/{group}/{fleet.all_samples()}") == "Granted QoS 1"
+        for topic in intruder_topics:
+            cam2.subscribe(topic)  # granted: Mosquitto's acl_file checks deliveries, not SUBSCRIBE
+        assert cam2.subscribe(fleet.device_infer("cam-s2")) == "Granted QoS 1"
+        for payload in BATCHES:
+            assert cam3.publish(fleet.device_samples("cam-s3"), payload) == "Success"
+        # cam-s3's batches were routed before their PUBACKs; what the cloud sends cam-s2 now comes after.
+        assert cloud.publish(fleet.device_infer("cam-s2"), b"marker") == "Success"
+        cam2.wait_message(fleet.device_infer("cam-s2"))
+
+        def received() -> list[bytes]:
+            return [p for t, p, _props in collector.messages if t == fleet.device_samples("cam-s3")]
+
+        deadline = time.monotonic() + 3  # the collector's deliveries were queued before the PUBACKs
+        while len(received()) < len(BATCHES) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return SampleTraffic(
+            collector=received(), intruder=[t for t, _p, _props in cam2.messages if t != fleet.device_infer("cam-s2")]
+        )
+    finally:
+        for client in (collector, cloud, cam2, cam3):
+            client.close()
+
+
+def test_a_device_cannot_read_another_devices_samples(deployment: Deployment) -> None:
+    """Beyond the device topics above: not with a wildcard, and not with a shared subscription of its own."""
+    fleet = Topics(fleet=DIVERT_FLEET)
+    intruder_topics = [
+        fleet.device_samples("cam-s3"),
+        fleet.all_samples(),
+        f"{fleet.base}/#",
+        f"$share/intruders/{fleet.all_samples()}",
+        f"$share/intruders/{fleet.device_samples('cam-s3')}",
+    ]
+    traffic = _samples_past_an_intruder(deployment, intruder_topics, group="read-test")
+    assert traffic.intruder == []
+    assert traffic.collector == BATCHES
+
+
+def test_a_device_cannot_divert_batches_from_the_collectors_shared_subscription(deployment: Deployment) -> None:
+    """Mosquitto's acl_file cannot refuse a SUBSCRIBE: a device in the collectors' $share group would
+    be handed every other batch, which the broker then drops (the publisher already had its PUBACK,
+    so those samples would be lost). `pki init` gives the collectors a secret group name, so a
+    device can only guess one; it forms a group of its own and takes nothing from the collectors."""
+    fleet = Topics(fleet=DIVERT_FLEET)
+    secret = deployment.pki.share_group
+    assert secret.startswith("collectors-") and len(secret) > 20
+    assert (deployment.pki.root / "collector" / "share.env").read_text() == f"EDGELOOP_SHARE_GROUP={secret}\n"
+    guesses = [f"$share/{group}/{fleet.all_samples()}" for group in ("collectors", "collector", "edgeloop")]
+    traffic = _samples_past_an_intruder(deployment, guesses, group=secret)
+    assert traffic.intruder == []
+    assert traffic.collector == BATCHES
+
+
+def test_the_collector_unit_runs_cloud_train_collect_with_its_real_flags() -> None:
+    """systemd-analyze verify (tests/test_systemd.py) checks that the command exists, not its flags:
+    cloud-train's own parser reads them here."""
+    unit = (REPO / "systemd" / "cloud-train-collect.service").read_text()
+    lines = [line.split("=", 1)[1] for line in unit.splitlines() if line.startswith(("ExecStart=", "StateDirectory="))]
+    exec_start, state_directory = lines
+    argv = shlex.split(exec_start.replace("${FLEET}", FLEET))
+    assert argv[:2] == ["/opt/edgeloop/venv/bin/cloud-train", "collect"]
+    args = build_parser().parse_args(argv[1:])  # an unknown flag exits here (SystemExit 2)
+    assert args.fleet == FLEET
+    assert args.store == Path("/var/lib") / state_directory  # the StateDirectory systemd creates for it
+    assert args.mqtt_config == Path("/etc/edgeloop/collector/mqtt.toml")
+    assert (args.share_group, args.count, args.timeout) == ("collectors", None, None)  # shares, runs until stopped
