@@ -106,7 +106,7 @@ def bench_upload(records: list[SampleRecord], batches: list[int], work: Path) ->
                   f"{uploader.batches_sent:>10}")  # fmt: skip
             uploader.stop()
             transport.stop()
-            collector.stop()
+            collector.stop(end_session=True)  # or its session stays a member of the shared group
             box.close()
             store.close()
     finally:

@@ -10,7 +10,7 @@
 
 Prints p50/p99 latency, throughput, each p50's ratio to the floor, and the agent's peak RSS.
 
-    .venv/bin/python bench/serving.py [--requests 500] [--threads 1] [--workdir runs/bench-serving]
+    .venv/bin/python bench/serving.py [--requests 500] [--rounds 5] [--threads 1] [--workdir runs/bench-serving]
 """
 
 from __future__ import annotations
@@ -34,16 +34,31 @@ from cloud_trainer.localbroker import free_port
 
 
 def measure(call: Callable[[str], Any], texts: list[str], requests: int) -> dict[str, float]:
-    for text in texts[:20]:
-        call(text)
-    samples = []
-    start = time.perf_counter()
-    for i in range(requests):
-        t = time.perf_counter()
-        call(texts[i % len(texts)])
-        samples.append((time.perf_counter() - t) * 1000)
-    elapsed = time.perf_counter() - start
-    return summary(samples, requests / elapsed)
+    return interleaved({"": call}, texts, requests, rounds=1)[""]
+
+
+def interleaved(
+    calls: dict[str, Callable[[str], Any]], texts: list[str], requests: int, rounds: int
+) -> dict[str, dict[str, float]]:
+    """Measure each call in turn, ``requests`` calls each in ``rounds`` alternating slices.
+
+    On a shared machine the load drifts over seconds; alternating puts the engines compared
+    against each other (the floor and the agent) under the same drift.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    elapsed = dict.fromkeys(calls, 0.0)
+    for call in calls.values():
+        for text in texts[:20]:
+            call(text)
+    for r in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            for i in range(r * requests // rounds, (r + 1) * requests // rounds):
+                t = time.perf_counter()
+                call(texts[i % len(texts)])
+                samples[name].append((time.perf_counter() - t) * 1000)
+            elapsed[name] += time.perf_counter() - start
+    return {name: summary(samples[name], len(samples[name]) / elapsed[name]) for name in calls}
 
 
 def summary(samples: list[float], throughput: float) -> dict[str, float]:
@@ -59,6 +74,16 @@ def post(conn: http.client.HTTPConnection, text: str) -> None:
     response.read()
     if response.status != 200:
         raise RuntimeError(f"agent answered {response.status}")
+
+
+def batch_counts(port: int) -> tuple[float, float]:
+    """The agent's ``edge_agent_batch_size`` histogram from ``/metrics``: (onnxruntime runs, inputs)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    value = lambda name: next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))  # noqa: E731
+    return value("edge_agent_batch_size_count"), value("edge_agent_batch_size_sum")
 
 
 def concurrent(port: int, texts: list[str], clients: int, per_client: int) -> dict[str, float]:
@@ -120,6 +145,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads for every engine")
     parser.add_argument("--epochs", type=float, default=8.0)
+    parser.add_argument("--rounds", type=int, default=5, help="alternating slices for the floor and the agent")
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench-serving"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -160,10 +186,6 @@ def main() -> None:
                 "token_type_ids": np.asarray([enc.type_ids], dtype=np.int64)}  # fmt: skip
 
     pretokenized = {t: feeds(t) for t in texts}
-    rows["onnxruntime session.run (floor)"] = measure(
-        lambda t: session.run(None, pretokenized[t]), texts, args.requests
-    )
-    rows["tokenizers + session.run"] = measure(lambda t: session.run(None, feeds(t)), texts, args.requests)
 
     # 3-4: the agent, a separate process with the bundle installed
     state = work / "agent-state"
@@ -205,10 +227,18 @@ def main() -> None:
                 if time.monotonic() > deadline:
                     raise SystemExit("agent did not come up") from None
                 time.sleep(0.2)
-        rows["agent HTTP, sequential"] = measure(lambda t: post(conn, t), texts, args.requests)
+        # 1-3 in alternating rounds, so that drifting load on a shared machine weighs on each alike
+        rows.update(interleaved({
+            "onnxruntime session.run (floor)": lambda t: session.run(None, pretokenized[t]),
+            "tokenizers + session.run": lambda t: session.run(None, feeds(t)),
+            "agent HTTP, sequential": lambda t: post(conn, t),
+        }, texts, args.requests, args.rounds))  # fmt: skip
         if shutil.which("wrk"):
             rows["agent HTTP, 1 connection (wrk)"] = wrk(port, texts, 1, 5, work)
+            runs_before, inputs_before = batch_counts(port)
             rows["agent HTTP, 16 connections (wrk)"] = wrk(port, texts, 16, 5, work)
+            runs_after, inputs_after = batch_counts(port)
+            mean_batch = (inputs_after - inputs_before) / max(runs_after - runs_before, 1)
         else:
             print("wrk not installed (apt-get install wrk): 16 Python client threads drive the load instead")
             rows["agent HTTP, 16 clients (Python)"] = concurrent(port, texts, 16, max(20, args.requests // 16))
@@ -243,9 +273,13 @@ def main() -> None:
     for name, r in rows.items():
         print(f"{name:<38} {r['p50']:>8.3f} {r['p99']:>8.3f} {r['rps']:>8.0f} {r['p50'] / floor['p50']:>11.2f}x")
     print(f"\nagent sequential p50 - floor p50: {sequential['p50'] - floor['p50']:+.3f} ms (target <= +0.5 ms)")
+    if "agent HTTP, 1 connection (wrk)" in rows:
+        gap = rows["agent HTTP, 1 connection (wrk)"]["p50"] - floor["p50"]
+        print(f"agent 1 connection (wrk, a C client) p50 - floor p50: {gap:+.3f} ms")
     if "agent HTTP, 16 connections (wrk)" in rows:
         ratio = rows["agent HTTP, 16 connections (wrk)"]["rps"] / rows["agent HTTP, 1 connection (wrk)"]["rps"]
         print(f"agent throughput, 16 connections / 1 connection (wrk): {ratio:.2f}x (target >= 1.3x)")
+        print(f"agent inputs per onnxruntime run under 16 connections: {mean_batch:.2f}")
     else:
         ratio = rows["agent HTTP, 16 clients (Python)"]["rps"] / sequential["rps"]
         print(f"agent throughput, 16 Python clients / sequential: {ratio:.2f}x (target >= 1.3x)")

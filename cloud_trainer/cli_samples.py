@@ -65,7 +65,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     while not done.wait(0.5):
         if deadline is not None and time.monotonic() > deadline:
             break
-    collector.stop()
+    collector.stop(end_session=args.end_session)
     stats = collector.stats
     print(
         f"stopped: {stats.new_records} new samples stored, {stats.duplicates} duplicates, {stats.malformed} malformed"
@@ -148,6 +148,11 @@ def add_sample_commands(sub: Any) -> None:
     )
     c.add_argument("--client-id", default="cloud-train-collect", help="fixed, so the broker keeps the session")
     c.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], default="5")
+    c.add_argument(
+        "--end-session",
+        action="store_true",
+        help="on exit, end the broker session (a collector retired for good; else the broker keeps its share)",
+    )
     c.add_argument("--count", type=int, help="stop after this many new samples")
     c.add_argument("--timeout", type=float, help="stop after this many seconds")
     add_connection_arguments(c)

@@ -115,8 +115,15 @@ class Collector:
             raise BrokerError(f"MQTT broker {self.host}:{self.port}: cannot collect samples: {why}")
         log.info("collecting %s into %s", self.topic, self.store.root)
 
-    def stop(self) -> None:
-        self._client.disconnect()
+    def stop(self, *, end_session: bool = False) -> None:
+        """Disconnect. The broker keeps the session (and queues batches for it, as one member of the
+        shared group) unless ``end_session``: use that for a collector that is going away for good,
+        or the broker keeps handing it its turn of the fleet's batches for the session's lifetime."""
+        props = None
+        if end_session and self._protocol == "5":
+            props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = 0
+        self._client.disconnect(properties=props)
         self._client.loop_stop()
 
     def __enter__(self) -> Collector:

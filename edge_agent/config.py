@@ -150,6 +150,14 @@ class RuntimeConfig(_Section):
     )
     intra_op_threads: int = Field(default=1, ge=0, description="0 lets onnxruntime choose")
     inter_op_threads: int = Field(default=1, ge=0)
+    allow_spinning: bool = Field(
+        default=False,
+        description=(
+            "let onnxruntime's intra-op threads spin-wait for work between runs; off is right on a small "
+            "device whose few cores the MQTT loop and the HTTP server share: spinning burns a core while idle "
+            "and takes CPU from them, for little latency gain with one intra-op thread"
+        ),
+    )
 
 
 class UpdateConfig(_Section):

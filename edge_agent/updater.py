@@ -81,6 +81,7 @@ def load_verified(bundle_dir: Path, config: AgentConfig) -> Classifier:
         providers=config.runtime.providers,
         intra_op_threads=config.runtime.intra_op_threads,
         inter_op_threads=config.runtime.inter_op_threads,
+        allow_spinning=config.runtime.allow_spinning,
     )
     model.health_check(atol=config.update.golden_atol)
     return model

@@ -10,6 +10,8 @@ import pytest
 
 from cloud_trainer.signing import generate_keypair
 from edge_agent.config import ConfigError, load_config
+from edge_agent.updater import load_verified
+from tests.tinymodel import make_tiny_bundle
 
 
 def _write(tmp_path: Path, body: str) -> Path:
@@ -61,3 +63,13 @@ def test_check_config_command(tmp_path: Path) -> None:
     assert bad.returncode == 2
     assert "is not a PEM public key" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize(("runtime", "spinning"), [("", "0"), ("[runtime]\nallow_spinning = true\n", "1")])
+def test_allow_spinning_reaches_the_session(tmp_path: Path, runtime: str, spinning: str) -> None:
+    config = load_config(_write(tmp_path, GOOD + runtime))
+    make_tiny_bundle(tmp_path / "b", version=1)
+    model = load_verified(tmp_path / "b", config)
+    options = model.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == spinning
+    assert options.intra_op_num_threads == config.runtime.intra_op_threads == 1

@@ -19,6 +19,7 @@ def load_classifier(
     providers: list[str],
     intra_op_threads: int = 1,
     inter_op_threads: int = 1,
+    allow_spinning: bool = False,
 ) -> Classifier:
     """The classifier for the bundle's task."""
     kind = {"text-classification": TextClassifier, "image-classification": ImageClassifier}[manifest.task]
@@ -28,6 +29,7 @@ def load_classifier(
         providers=providers,
         intra_op_threads=intra_op_threads,
         inter_op_threads=inter_op_threads,
+        allow_spinning=allow_spinning,
     )
 
 

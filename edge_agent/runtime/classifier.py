@@ -56,6 +56,7 @@ class Classifier(ABC):
         providers: list[str],
         intra_op_threads: int = 1,
         inter_op_threads: int = 1,
+        allow_spinning: bool = False,
     ) -> None:
         self.bundle_dir = bundle_dir
         self.manifest = manifest
@@ -66,6 +67,7 @@ class Classifier(ABC):
             providers=providers,
             intra_op_threads=intra_op_threads,
             inter_op_threads=inter_op_threads,
+            allow_spinning=allow_spinning,
         )
         self.input_names = [i.name for i in self.session.get_inputs()]
 

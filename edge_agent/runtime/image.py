@@ -16,11 +16,11 @@ from edge_agent.runtime.session import ModelLoadError
 class ImageClassifier(Classifier):
     """An image-classification bundle; each input is an ``H x W`` or ``H x W x C`` array of raw pixels."""
 
-    def __init__(self, *, bundle_dir: Path, manifest: Manifest, providers: list[str], **threads: int) -> None:
+    def __init__(self, *, bundle_dir: Path, manifest: Manifest, providers: list[str], **session: Any) -> None:
         pre = manifest.preprocessing
         if not isinstance(pre, ImagePreprocessing):
             raise ModelLoadError(f"bundle v{manifest.version} has {pre.kind} preprocessing, not image")
-        super().__init__(bundle_dir=bundle_dir, manifest=manifest, providers=providers, **threads)
+        super().__init__(bundle_dir=bundle_dir, manifest=manifest, providers=providers, **session)
         self.pre = pre
         self._mean = np.asarray(pre.mean, dtype=np.float32)
         self._std = np.asarray(pre.std, dtype=np.float32)

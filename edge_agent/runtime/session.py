@@ -27,14 +27,14 @@ def choose_providers(preferred: list[str]) -> list[str]:
 
 
 def open_session(
-    path: Path, *, providers: list[str], intra_op_threads: int, inter_op_threads: int
+    path: Path, *, providers: list[str], intra_op_threads: int, inter_op_threads: int, allow_spinning: bool = False
 ) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = inter_op_threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Spinning threads burn a small device's cores that the MQTT loop and the HTTP server need.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Off by default: spinning threads burn a small device's cores that the MQTT loop and the HTTP server need.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=choose_providers(providers))
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises many unrelated types; translate at this seam

@@ -16,11 +16,11 @@ from edge_agent.runtime.session import ModelLoadError
 class TextClassifier(Classifier):
     """A text-classification bundle; inputs are strings."""
 
-    def __init__(self, *, bundle_dir: Path, manifest: Manifest, providers: list[str], **threads: int) -> None:
+    def __init__(self, *, bundle_dir: Path, manifest: Manifest, providers: list[str], **session: Any) -> None:
         pre = manifest.preprocessing
         if not isinstance(pre, TextPreprocessing):
             raise ModelLoadError(f"bundle v{manifest.version} has {pre.kind} preprocessing, not text")
-        super().__init__(bundle_dir=bundle_dir, manifest=manifest, providers=providers, **threads)
+        super().__init__(bundle_dir=bundle_dir, manifest=manifest, providers=providers, **session)
         from tokenizers import Tokenizer
 
         try:
