@@ -138,6 +138,13 @@ class ServingConfig(_Section):
     max_batch: int = Field(default=32, ge=1, le=1024, description="most inputs in one onnxruntime run")
     max_queue_delay_ms: float = Field(default=0.0, ge=0, le=1000, description="wait this long to fill a batch")
     queue_size: int = Field(default=256, ge=1, description="requests waiting; beyond it callers get 503")
+    workers: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="model runs at once under load, each with runtime.intra_op_threads threads; a lone request "
+        "runs on the HTTP loop at once. 2 uses both cores of a 2-core device under load; 1 keeps one free",
+    )
     request_timeout_s: float = Field(default=30.0, gt=0)
     telemetry_interval_s: float = Field(default=30.0, ge=0, description="MQTT telemetry period; 0 turns it off")
     mqtt_inference: bool = Field(default=True, description="answer MQTT 5 request/response inference")

@@ -108,7 +108,7 @@ def test_wrong_model_or_version_and_malformed_json(server: InferenceServer) -> N
 def test_overload_answers_503_and_never_queues_without_bound(tmp_path: Path) -> None:
     make_tiny_bundle(tmp_path / "b", version=1)
     holder = ModelHolder()
-    srv = InferenceServer(config=HttpConfig(port=0), serving=ServingConfig(queue_size=2), holder=holder,
+    srv = InferenceServer(config=HttpConfig(port=0), serving=ServingConfig(queue_size=2, workers=1), holder=holder,
                           model_name="intents")  # fmt: skip
     release = threading.Event()
 

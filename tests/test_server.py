@@ -91,3 +91,44 @@ def test_unknown_endpoint_and_missing_length(server: InferenceServer) -> None:
     response = conn.getresponse()
     assert response.status == 411
     assert "Content-Length" in json.loads(response.read())["error"]
+
+
+def test_workers_split_a_burst_into_batches_that_run_at_once(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from edge_agent.serving.batcher import Batcher
+
+    make_tiny_bundle(tmp_path / "b", version=1)
+    gate, lock = threading.Event(), threading.Lock()
+    running: list[int] = []
+    batches: list[int] = []
+
+    class Gated(TextClassifier):
+        def predict(self, inputs):  # type: ignore[no-untyped-def]
+            with lock:
+                running.append(len(inputs))
+                batches.append(len(inputs))
+            gate.wait(10)
+            with lock:
+                running.remove(len(inputs))
+            return super().predict(inputs)
+
+    holder = ModelHolder()
+    holder.swap(Gated(bundle_dir=tmp_path / "b", manifest=Manifest.read(tmp_path / "b"),
+                      providers=["CPUExecutionProvider"]))  # fmt: skip
+    batcher = Batcher(model=holder.get, max_batch=32, max_delay_ms=0, queue_size=64, workers=2)
+    futures = [batcher.submit(["turn on the lights"]) for _ in range(10)]  # a burst, queued before the workers start
+    batcher.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(running) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(running) == 2  # two model runs at once, each a batch of several requests
+        gate.set()
+        results = [f.result(timeout=10) for f in futures]
+        assert all(version == 1 and p[0].label == "lights_on" for version, p in results)
+        assert sum(batches) == 10 and len(batches) < 10
+    finally:
+        gate.set()
+        batcher.stop()

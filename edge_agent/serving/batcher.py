@@ -1,10 +1,12 @@
 """Dynamic batching: concurrent requests share one onnxruntime run.
 
-Requests wait in a bounded queue; one worker takes the first, then whatever else is queued (up
-to ``max_batch`` items, waiting at most ``max_delay_ms`` for more), runs the model once, and
-hands each request its slice. A lone request is run at once, so sequential latency does not
-grow; under load, batches form by themselves while the previous one runs. A full queue refuses
-new work with :class:`Overloaded` rather than growing without bound.
+Requests wait in a bounded queue; a worker takes the first, then its share of whatever else is
+queued (all of it with one worker, up to ``max_batch`` items, waiting at most ``max_delay_ms``
+for more), runs the model once, and hands each request its slice. With several workers a burst is
+split between them, so several cores run the model at once. A lone request can run inline on the
+caller's thread (:meth:`Batcher.try_inline`), so sequential latency does not grow; under load,
+batches form by themselves while the previous ones run. A full queue refuses new work with
+:class:`Overloaded` rather than growing without bound.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class Batcher:
         max_delay_ms: how long the worker may wait to fill a batch (0: take only what is queued).
         queue_size: the most requests waiting; beyond it, :class:`Overloaded`.
         on_batch: told the size of each batch run (metrics).
+        workers: batches that may run at once (one thread each); a burst is split between them.
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class Batcher:
         max_delay_ms: float,
         queue_size: int,
         on_batch: Callable[[int], None] = lambda _size: None,
+        workers: int = 1,
     ) -> None:
         self._model = model
         self._max_batch = max_batch
@@ -63,8 +67,11 @@ class Batcher:
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_size)
         self._on_batch = on_batch
         self._inline = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
-        self.heartbeat = time.monotonic()  # the worker's last sign of life (the systemd watchdog reads it)
+        self._workers = max(1, workers)
+        self._threads = [
+            threading.Thread(target=self._run, name=f"inference-{i}", daemon=True) for i in range(self._workers)
+        ]
+        self.heartbeat = time.monotonic()  # the workers' last sign of life (the systemd watchdog reads it)
         self._runs_lock = threading.Lock()
         self._runs: dict[int, float] = {}  # model runs in progress (worker and inline): id -> start
         self._next_run = 0
@@ -75,7 +82,7 @@ class Batcher:
 
     @property
     def worker_alive(self) -> bool:
-        return self._thread.is_alive()
+        return all(thread.is_alive() for thread in self._threads)
 
     def longest_run_s(self) -> float:
         """How long the oldest model run still in progress (worker or inline) has lasted; 0 if none."""
@@ -95,11 +102,14 @@ class Batcher:
                 del self._runs[run]
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=5)
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout=5)
 
     def submit(self, inputs: list[Any]) -> Future[tuple[int, list[Prediction]]]:
         """Queue ``inputs``; the future gives ``(model version, predictions)`` or raises."""
@@ -144,7 +154,9 @@ class Batcher:
             jobs = [first]
             size = len(first.inputs)
             deadline = time.monotonic() + self._max_delay_s
-            while size < self._max_batch:
+            # With several workers, take a fair share of what waits, so a burst runs on all of them.
+            share = max(1, -(-(1 + self._queue.qsize()) // self._workers)) if self._workers > 1 else self._max_batch
+            while size < self._max_batch and len(jobs) < share:
                 try:
                     remaining = deadline - time.monotonic()
                     job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()

@@ -194,7 +194,9 @@ class InferenceServer:
             max_delay_ms=self.serving.max_queue_delay_ms,
             queue_size=self.serving.queue_size,
             on_batch=self.metrics.batch_size.observe,
+            workers=self.serving.workers,
         )
+        self._in_flight = 0  # requests inside infer(); touched only on the loop's thread
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, name="http", daemon=True)
@@ -244,8 +246,13 @@ class InferenceServer:
     # -- inference --------------------------------------------------------------------------------
     async def infer(self, inputs: list[Any]) -> tuple[int, list[Prediction]]:
         """Run ``inputs`` through the batcher; map failures to HTTP errors and count them."""
+        self._in_flight += 1
         try:
-            inline = self.batcher.try_inline(inputs)
+            # Let the other connections whose requests are already readable reach this point too:
+            # a request alone runs inline on the loop (no thread hand-off); with company, every one
+            # goes to the batcher's workers, the loop stays free to read more, and batches form.
+            await asyncio.sleep(0)
+            inline = self.batcher.try_inline(inputs) if self._in_flight == 1 else None
             if inline is not None:
                 version, predictions = inline
             else:
@@ -253,6 +260,8 @@ class InferenceServer:
                 version, predictions = await asyncio.wait_for(future, self.serving.request_timeout_s)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status; the server goes on
             raise RequestError(*self.failure_status(exc)) from None
+        finally:
+            self._in_flight -= 1
         self.on_result(version, True)
         return version, predictions
 
