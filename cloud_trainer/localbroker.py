@@ -82,6 +82,9 @@ def mosquitto_config(port: int, *, persistence_dir: Path | None = None) -> str:
         "allow_anonymous true",
         "set_tcp_nodelay true",
         "max_packet_size 1048576",
+        # Past this many QoS 1 messages queued for one client Mosquitto drops new ones (default
+        # 1000): a collector that falls behind a burst of sample batches would lose them.
+        "max_queued_messages 100000",
     ]
     if os.geteuid() == 0:
         lines.append("user root")  # else mosquitto drops to its own user and cannot write our temp dirs
