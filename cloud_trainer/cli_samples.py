@@ -23,16 +23,16 @@ from cloud_trainer.cli_deploy import add_connection_arguments, connection_from_a
 STORE_HELP = "sample store directory (default: $EDGELOOP_SAMPLES or ~/.edgeloop/samples)"
 
 
-def _store(args: argparse.Namespace) -> Any:
+def _store(args: argparse.Namespace, *, collector: bool = False) -> Any:
     from cloud_trainer.sample_store import SampleStore, default_store
 
-    return SampleStore(args.store or default_store())
+    return SampleStore(args.store or default_store(), collector=collector)
 
 
 def _cmd_collect(args: argparse.Namespace) -> int:
     from cloud_trainer.collect import Collector, CollectorStats
 
-    store = _store(args)
+    store = _store(args, collector=True)
     conn = connection_from_args(args)
     done = threading.Event()
 
@@ -146,7 +146,7 @@ def add_sample_commands(sub: Any) -> None:
         help="MQTT 5 shared-subscription group; collectors in one group split the load "
         "(default: $EDGELOOP_SHARE_GROUP, else collectors; '' for a plain subscription)",
     )
-    c.add_argument("--client-id", default="cloud-train-collect", help="fixed, so the broker keeps the session")
+    c.add_argument("--client-id", help="fixed, so the broker keeps the session (default: cloud-train-collect-<host>)")
     c.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], default="5")
     c.add_argument(
         "--end-session",

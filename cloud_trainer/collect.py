@@ -12,7 +12,9 @@ A malformed batch is logged, counted and acknowledged: a poison message must not
 from __future__ import annotations
 
 import logging
+import socket
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +43,13 @@ class CollectorStats:
     new_records: int = 0
     duplicates: int = 0
     malformed: int = 0
-    errors: list[str] = field(default_factory=list)
+    errors: deque[str] = field(default_factory=lambda: deque(maxlen=100))
+    """the latest problems, newest last"""
+
+
+def default_client_id() -> str:
+    """One per host: two collectors with one client id would take each other's session in turns."""
+    return f"cloud-train-collect-{socket.gethostname()}"[:64]
 
 
 class Collector:
@@ -52,7 +60,8 @@ class Collector:
         fleet: the fleet whose devices' samples to collect.
         host, port: the broker.
         share_group: the shared-subscription group; ``None`` for a plain subscription.
-        client_id: fixed, so the broker keeps this collector's session (and queued batches).
+        client_id: fixed, so the broker keeps this collector's session (and queued batches);
+            default ``cloud-train-collect-<host name>``.
         protocol: ``"5"`` or ``"3.1.1"`` (no session expiry there; the session is kept until cleaned).
         security: TLS and credentials (the collector identity from ``cloud-train pki init``).
         topic_root: the topic prefix.
@@ -67,7 +76,7 @@ class Collector:
         host: str,
         port: int,
         share_group: str | None = "collectors",
-        client_id: str = "cloud-train-collect",
+        client_id: str | None = None,
         protocol: str = "5",
         security: MqttSecurity | None = None,
         topic_root: str | None = None,
@@ -85,7 +94,7 @@ class Collector:
         self._refused: str | None = None
         self._client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=client_id,
+            client_id=client_id or default_client_id(),
             protocol=protocol_version(protocol),
             clean_session=False if protocol == "3.1.1" else None,
             manual_ack=True,
@@ -173,7 +182,13 @@ class Collector:
             self.stats.errors.append(f"{message.topic}: records claim another device or fleet")
             log.error("dropped a batch on %s whose records claim another device or fleet", message.topic)
             return False
-        result = self.store.add_batch(batch)
+        try:
+            result = self.store.add_batch(batch)
+        except (ValueError, UnicodeError) as exc:  # this batch can never be stored: say so, take it off the broker
+            self.stats.malformed += 1
+            self.stats.errors.append(f"{message.topic}: cannot be stored: {exc}")
+            log.error("dropped a batch on %s that cannot be stored: %s", message.topic, exc)
+            return False
         self.stats.batches += 1
         self.stats.new_records += result.new_records
         self.stats.duplicates += result.duplicates

@@ -23,13 +23,19 @@ from cloud_trainer.sample_store import SampleStore, StoredSample
 CSV_COLUMNS = ["id", "text", "predicted", "score", "reasons", "device", "version", "day", "label"]
 
 
+def _cell(text: str | None) -> str:
+    """A cell a spreadsheet shows as text: a leading = + - @ would run as a formula (CSV injection)."""
+    value = text or ""
+    return "'" + value if value[:1] in ("=", "+", "-", "@") else value
+
+
 def export_csv(samples: list[StoredSample], path: Path) -> int:
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(CSV_COLUMNS)
         for s in samples:
-            writer.writerow([s.prediction_id, s.text or s.image_json, s.predicted, f"{s.score:.4f}", s.reasons,
-                             s.device, s.version, s.day, s.label or ""])  # fmt: skip
+            writer.writerow([s.prediction_id, _cell(s.text or s.image_json), _cell(s.predicted), f"{s.score:.4f}",
+                             s.reasons, s.device, s.version, s.day, _cell(s.label)])  # fmt: skip
     return len(samples)
 
 
@@ -58,7 +64,7 @@ def read_labels(path: Path) -> list[tuple[str, str]]:
         return _read_label_studio(path)
     if path.suffix.lower() != ".csv":
         raise DataError(f"label file {path}: use a .csv (id,label columns) or a Label Studio .json export")
-    with path.open(newline="", encoding="utf-8") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: spreadsheets write a BOM
         reader = csv.DictReader(handle)
         missing = {"id", "label"} - set(reader.fieldnames or [])
         if missing:
@@ -98,5 +104,8 @@ def _get(data: Any, *keys: str) -> Any:
 
 def labelled_texts(store: SampleStore, model: str) -> LabelledTexts:
     """Every labelled text sample of ``model``, for training."""
-    samples = [s for s in store.query(model=model, labelled=True) if s.text]
-    return LabelledTexts(texts=[s.text or "" for s in samples], labels=[s.label or "" for s in samples])
+    latest: dict[str, str] = {}  # one label per text: the latest labelled wins
+    for s in sorted(store.query(model=model, labelled=True), key=lambda s: s.labelled_at or ""):
+        if s.text and s.label:
+            latest[s.text] = s.label
+    return LabelledTexts(texts=list(latest), labels=list(latest.values()))

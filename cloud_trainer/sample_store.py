@@ -115,9 +115,16 @@ def _now() -> str:
 
 
 class SampleStore:
-    """Samples on disk. Thread-safe; one writer process at a time (the collector)."""
+    """Samples on disk. Thread-safe; one collector process at a time.
 
-    def __init__(self, root: Path) -> None:
+    Args:
+        root: the store directory (created).
+        collector: open as the collector, the one writer of Parquet parts: only it removes parts
+            left unindexed by a crash (another process could be looking at the collector's
+            part in the instant between its rename and its index commit).
+    """
+
+    def __init__(self, root: Path, *, collector: bool = False) -> None:
         self.root = root
         self.data_dir = root / "data"
         try:
@@ -129,7 +136,8 @@ class SampleStore:
         except (OSError, sqlite3.Error) as exc:
             raise SampleStoreError(f"cannot open the sample store {root}: {exc}") from None
         self._lock = threading.Lock()
-        self._remove_orphan_parts()
+        if collector:
+            self._remove_orphan_parts()
 
     def close(self) -> None:
         self._db.close()
@@ -208,8 +216,9 @@ class SampleStore:
                 "reasons": [",".join(r.reasons) for r in group],
                 "label": [r.label for r in group],
             })  # fmt: skip
-            final = directory / f"part-{uuid.uuid4().hex}.parquet"
-            temporary = final.with_suffix(".tmp")
+            name = uuid.uuid4().hex
+            final = directory / f"part-{name}.parquet"
+            temporary = directory / f".part-{name}.tmp"  # a dot: readers of the data set skip it
             pq.write_table(table, temporary, compression="zstd")
             with temporary.open("rb") as handle:
                 os.fsync(handle.fileno())
@@ -219,7 +228,7 @@ class SampleStore:
 
     def _remove_orphan_parts(self) -> None:
         known = {row[0] for row in self._db.execute("SELECT path FROM parts")}
-        for path in self.data_dir.rglob("part-*"):
+        for path in [*self.data_dir.rglob("part-*"), *self.data_dir.rglob(".part-*")]:
             relative = str(path.relative_to(self.root))
             if relative not in known:
                 log.warning("removing %s: written but never indexed (the batch will be delivered again)", path)

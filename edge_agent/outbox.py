@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,18 +64,40 @@ class Outbox:
         self.path = path
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
+        self._lost_in_memory = 0  # drops that could not be written down (disk full, bad records)
         try:
-            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-            row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM items").fetchone()
-        except sqlite3.Error as exc:
-            raise OutboxError(f"cannot open the sample outbox {path}: {exc}") from None
+            row = self._open()
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError):  # permissions, a missing directory: the operator's to fix
+                raise OutboxError(f"cannot open the sample outbox {path}: {exc}") from None
+            # A corrupt file must not keep the agent from serving: set it aside, start afresh.
+            aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+            log.error("sample outbox %s is corrupt (%s): moved to %s; its samples are lost", path, exc, aside)
+            if hasattr(self, "_db"):
+                self._db.close()
+            path.rename(aside)
+            for suffix in ("-wal", "-shm"):
+                path.with_name(path.name + suffix).unlink(missing_ok=True)
+            try:
+                row = self._open()
+            except sqlite3.Error as again:
+                raise OutboxError(f"cannot open the sample outbox {path}: {again}") from None
         self._count, self._bytes = int(row[0]), int(row[1])
         self._dropped = self._counter("dropped")
         self._uploaded = self._counter("uploaded")
-        self._lost_in_memory = 0  # drops that could not be written down (disk full)
+
+    def _open(self) -> tuple[int, int]:
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM items").fetchone()
+        return int(row[0]), int(row[1])
+
+    def count_lost(self, count: int) -> None:
+        """Count samples that never reached the outbox (a full writer queue, a record that cannot be stored)."""
+        with self._lock:
+            self._lost_in_memory += count
 
     def _counter(self, name: str) -> int:
         row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
@@ -142,8 +165,15 @@ class Outbox:
             rows = self._db.execute("SELECT seq, id, body FROM items ORDER BY seq LIMIT ?", (max_items,)).fetchall()
         return [OutboxItem(int(seq), str(item_id), bytes(body)) for seq, item_id, body in rows]
 
+    def discard(self, items: list[OutboxItem]) -> None:
+        """Remove ``items`` that can never be sent (unreadable, too large), counting them as dropped."""
+        self._remove(items, counter="dropped")
+
     def ack(self, items: list[OutboxItem]) -> None:
         """Remove ``items``: the broker has them."""
+        self._remove(items, counter="uploaded")
+
+    def _remove(self, items: list[OutboxItem], *, counter: str) -> None:
         if not items:
             return
         with self._lock:
@@ -155,11 +185,14 @@ class Outbox:
                 seqs,
             ).fetchone()
             self._db.execute(f"DELETE FROM items WHERE seq IN ({placeholders})", seqs)  # noqa: S608
-            self._bump("uploaded", int(row[0]))
+            self._bump(counter, int(row[0]))
             self._db.execute("COMMIT")
             self._count -= int(row[0])
             self._bytes -= int(row[1])
-            self._uploaded += int(row[0])
+            if counter == "uploaded":
+                self._uploaded += int(row[0])
+            else:
+                self._dropped += int(row[0])
 
     def stats(self) -> OutboxStats:
         with self._lock:

@@ -32,6 +32,10 @@ class UnknownPrediction(KeyError):
     def __str__(self) -> str:
         return str(self.args[0])
 
+    @staticmethod
+    def message(prediction_id: str) -> str:
+        return f"prediction id {prediction_id!r} is unknown or too old (the agent remembers recent predictions only)"
+
 
 @dataclass(frozen=True)
 class _Seen:
@@ -149,15 +153,16 @@ class Sampler:
             self._sink(kept)
         return ids
 
+    def remembers(self, prediction_id: str) -> bool:
+        with self._lock:
+            return prediction_id in self._recent
+
     def feedback(self, prediction_id: str, label: str) -> SampleRecord:
         """The true ``label`` for a recent prediction; the record goes to the sink and is returned."""
         with self._lock:
             seen = self._recent.get(prediction_id)
         if seen is None:
-            raise UnknownPrediction(
-                f"prediction id {prediction_id!r} is unknown or too old (the agent remembers the last "
-                f"{self._remember} predictions)"
-            )
+            raise UnknownPrediction(UnknownPrediction.message(prediction_id))
         record = self._record(prediction_id, seen, ["feedback"], label=label)
         self._sink([record])
         return record

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,9 @@ Handler = Callable[[str, bytes, bool], None]
 
 RequestHandler = Callable[[bytes, str | None, bytes | None], None]
 """``handler(payload, response_topic, correlation_data)`` for MQTT 5 request/response"""
+
+
+_NO_MATCHING_SUBSCRIBERS = 0x10
 
 
 class TransportError(Exception):
@@ -85,6 +89,8 @@ class MqttTransport:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_unrouted
+        self._client.on_publish = self._on_publish
+        self._refusals: OrderedDict[int, str] = OrderedDict()  # mid -> why the broker did not take it
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self, *, wait_s: float = 0.0) -> bool:
@@ -97,6 +103,7 @@ class MqttTransport:
         return self.connected.wait(wait_s) if wait_s > 0 else self.connected.is_set()
 
     def stop(self) -> None:
+        self.connected.clear()  # a deliberate disconnect: nothing to warn about
         self._client.disconnect()
         self._client.loop_stop()
         self.connected.clear()
@@ -151,6 +158,22 @@ class MqttTransport:
         self._client.message_callback_remove(topic)
         if self.connected.is_set():
             self._client.unsubscribe(topic)
+
+    def refusal(self, mid: int) -> str | None:
+        """Why the broker's PUBACK for message ``mid`` did not take it (MQTT 5 reason code), or None.
+
+        paho marks a message published on any PUBACK; an ACL refusal (0x87), a quota (0x97) or "no
+        matching subscribers" (0x10: nobody would get it) come back here instead.
+        """
+        with self._lock:
+            return self._refusals.pop(mid, None)
+
+    def _on_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, reason: ReasonCode, _props: Any) -> None:
+        if reason.is_failure or reason.value == _NO_MATCHING_SUBSCRIBERS:
+            with self._lock:
+                self._refusals[mid] = str(reason)
+                while len(self._refusals) > 1000:  # telemetry nobody subscribes to lands here too
+                    self._refusals.popitem(last=False)
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> mqtt.MQTTMessageInfo:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)

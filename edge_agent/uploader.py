@@ -39,13 +39,12 @@ class SampleWriter:
         self._on_written = on_written
         self._queue: queue.Queue[list[SampleRecord] | None] = queue.Queue(maxsize=capacity)
         self._thread = threading.Thread(target=self._run, name="sample-writer", daemon=True)
-        self.dropped = 0
 
     def submit(self, records: list[SampleRecord]) -> None:
         try:
             self._queue.put_nowait(records)
         except queue.Full:
-            self.dropped += len(records)
+            self._outbox.count_lost(len(records))
 
     def start(self) -> None:
         self._thread.start()
@@ -55,6 +54,29 @@ class SampleWriter:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join(timeout=10)
+
+    def _write(self, records: list[SampleRecord]) -> None:
+        rows = []
+        for record in records:
+            try:
+                body = record.model_dump_json(by_alias=True).encode()
+                SampleRecord.model_validate_json(body)  # what the uploader will read back (NaN, surrogates)
+            except ValueError as exc:
+                log.warning("sample %s cannot be stored and is dropped: %s", record.id, exc)
+                self._outbox.count_lost(1)
+                continue
+            if len(body) > MAX_BATCH_BYTES // 2:  # it could never travel (a huge image): say so now
+                log.warning("sample %s is %d bytes, too large to upload; dropped", record.id, len(body))
+                self._outbox.count_lost(1)
+                continue
+            rows.append((record.id, body))
+        try:
+            self._outbox.put(rows)
+        except Exception:  # the writer must outlive any one failure
+            log.exception("cannot write %d samples to the outbox", len(rows))
+            self._outbox.count_lost(len(rows))
+            return
+        self._on_written()
 
     def _run(self) -> None:
         while True:
@@ -67,8 +89,7 @@ class SampleWriter:
                     break
             records = [r for batch in batches if batch is not None for r in batch]
             if records:
-                self._outbox.put([(r.id, r.model_dump_json(by_alias=True).encode()) for r in records])
-                self._on_written()
+                self._write(records)
             if any(batch is None for batch in batches):
                 return
 
@@ -126,11 +147,13 @@ class SampleUploader:
         self._wake.set()
 
     def _run(self) -> None:
-        delay = 0.0
+        delay = 0.0  # the back-off after failures; grows until a batch goes through
         while not self._stop.is_set():
-            self._wake.wait(delay or self._interval_s)
+            if delay:
+                self._stop.wait(delay)  # backing off: new samples do not cut it short
+            else:
+                self._wake.wait(self._interval_s)
             self._wake.clear()
-            delay = 0.0
             while not self._stop.is_set() and self._transport.connected.is_set():
                 items = self._outbox.peek(max_items=self._batch_records)
                 if not items:
@@ -143,12 +166,22 @@ class SampleUploader:
                 if not sent:
                     delay = min(self._retry_max_s, max(1.0, delay * 2))
                     break
+                delay = 0.0
 
     def _send(self, items: list[OutboxItem]) -> bool:
-        payload = self._encode(items)
-        while len(payload) > MAX_BATCH_BYTES and len(items) > 1:
-            items = items[: len(items) // 2]
-            payload = self._encode(items)
+        parsed = self._readable(items)
+        if not parsed:
+            return True
+        payload = self._encode([record for _, record in parsed])
+        while len(payload) > MAX_BATCH_BYTES and len(parsed) > 1:
+            parsed = parsed[: len(parsed) // 2]
+            payload = self._encode([record for _, record in parsed])
+        items = [item for item, _ in parsed]
+        if len(payload) > MAX_BATCH_BYTES:  # one record alone too large: it can never travel
+            log.warning("sample %s is %d bytes compressed, over the %d limit; dropped", items[0].id, len(payload),
+                        MAX_BATCH_BYTES)  # fmt: skip
+            self._outbox.discard(items)
+            return True
         info = self._transport.publish(self._topic, payload, qos=1)
         try:
             info.wait_for_publish(timeout=self._ack_timeout_s)
@@ -158,13 +191,29 @@ class SampleUploader:
             log.info("no PUBACK for a batch of %d samples within %.0fs; will send again", len(items),
                      self._ack_timeout_s)  # fmt: skip
             return False
+        refusal = self._transport.refusal(info.mid)
+        if refusal is not None:  # kept: nobody would store it (no collector yet), or not allowed
+            log.warning("broker did not take a batch of %d samples (%s); will send again", len(items), refusal)
+            return False
         self._outbox.ack(items)
         self.batches_sent += 1
         log.debug("uploaded %d samples (%d bytes)", len(items), len(payload))
         return True
 
-    def _encode(self, items: list[OutboxItem]) -> bytes:
-        records = [SampleRecord.model_validate_json(item.body) for item in items]
+    def _readable(self, items: list[OutboxItem]) -> list[tuple[OutboxItem, SampleRecord]]:
+        """The items whose bodies still parse; any other is dropped (counted), never left to block the queue."""
+        good, bad = [], []
+        for item in items:
+            try:
+                good.append((item, SampleRecord.model_validate_json(item.body)))
+            except ValueError:
+                bad.append(item)
+        if bad:
+            log.warning("dropping %d unreadable samples from the outbox", len(bad))
+            self._outbox.discard(bad)
+        return good
+
+    def _encode(self, records: list[SampleRecord]) -> bytes:
         batch = SampleBatch(
             device=self._device,
             fleet=self._fleet,

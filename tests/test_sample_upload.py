@@ -194,3 +194,22 @@ def test_full_outbox_drops_the_oldest_counts_and_reports_them(
     finally:
         listener.close()
         collector.stop()
+
+
+def test_samples_wait_on_the_device_until_a_collector_subscribes(
+    tmp_path: Path, broker: LocalBroker, fleet: str, keys: Keys, agent_process: Callable[..., AgentProcess]
+) -> None:
+    """The broker answers a batch nobody subscribes to with PUBACK "no matching subscribers" and drops
+    it; the agent keeps such batches in its outbox and sends them again once a collector is there."""
+    agent = start_serving(tmp_path, broker, fleet, keys, agent_process)
+    ids = predict_ids(agent, TEXTS)
+    time.sleep(3)  # several upload attempts, each refused
+    assert metric(agent, "edge_agent_samples_queued") == len(TEXTS)
+    assert metric(agent, "edge_agent_samples_uploaded") == 0
+    assert "no matching subscribers" in agent.log().lower()
+    store = SampleStore(tmp_path / "store", collector=True)
+    collector = collector_for(store, broker, fleet)
+    try:
+        wait_until(lambda: stored_ids(store) == set(ids), "the kept samples after the collector subscribed", 90)
+    finally:
+        collector.stop()

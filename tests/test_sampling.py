@@ -114,6 +114,18 @@ def test_batch_wire_format_is_gzip_json_and_refuses_garbage() -> None:
         SampleBatch.from_bytes(b"\x1f\x8b broken")
     with pytest.raises(MalformedPayload, match="does not validate"):
         SampleBatch.from_bytes(b'{"schema": "edgeloop.samples/1", "records": []}')
+    import gzip as gz
+
+    with pytest.raises(MalformedPayload, match="not gzip JSON"):  # a corrupt deflate stream (zlib.error)
+        SampleBatch.from_bytes(wire[:10] + bytes(b ^ 0xFF for b in wire[10:]))
+    with pytest.raises(MalformedPayload, match="not gzip JSON"):
+        SampleBatch.from_bytes(gz.compress(b"[" * 100_000))  # nesting past the recursion limit
+    lone = batch.model_dump_json(by_alias=True).replace('"hi"', '"\\ud800"').encode()
+    with pytest.raises(MalformedPayload, match="not valid Unicode"):
+        SampleBatch.from_bytes(lone)
+    evil = batch.model_dump_json(by_alias=True).replace('"model":"intents"', '"model":"../../x"').encode()
+    with pytest.raises(MalformedPayload, match="model"):
+        SampleBatch.from_bytes(evil)
 
 
 # -- outbox ---------------------------------------------------------------------------------------
@@ -142,10 +154,30 @@ def test_full_outbox_drops_the_oldest_and_counts_them(tmp_path: Path) -> None:
     assert Outbox(tmp_path / "o.sqlite", max_bytes=4096).stats().dropped == 60  # the count survives restarts
 
 
-def test_unopenable_outbox_is_a_clear_error(tmp_path: Path) -> None:
+def test_a_corrupt_outbox_is_set_aside_and_the_agent_goes_on(tmp_path: Path) -> None:
     (tmp_path / "o.sqlite").write_bytes(b"this is not a database" * 100)
+    box = Outbox(tmp_path / "o.sqlite", max_bytes=4096)
+    box.put([("a", b"1")])
+    assert box.stats().queued == 1
+    assert [p.name.split("-")[0] for p in tmp_path.glob("o.sqlite.corrupt-*")] == ["o.sqlite.corrupt"]
+
+
+def test_an_unopenable_outbox_path_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "o.sqlite").mkdir()
     with pytest.raises(OSError, match="cannot open the sample outbox"):
         Outbox(tmp_path / "o.sqlite", max_bytes=4096)
+
+
+def test_unreadable_or_oversized_records_never_block_the_outbox(tmp_path: Path) -> None:
+    from edge_agent.uploader import SampleUploader
+
+    box = Outbox(tmp_path / "o.sqlite", max_bytes=1 << 22)
+    good = records(2)
+    box.put([("bad", b"{not a record"), *((r.id, r.model_dump_json(by_alias=True).encode()) for r in good)])
+    uploader = SampleUploader(outbox=box, transport=None, topic="t", device="dev-1", fleet="f")  # type: ignore[arg-type]
+    parsed = uploader._readable(box.peek(max_items=10))
+    assert [record.id for _, record in parsed] == [r.id for r in good]
+    assert (box.stats().queued, box.stats().dropped) == (2, 1)
 
 
 # -- cloud store and labelling ---------------------------------------------------------------------
@@ -189,9 +221,12 @@ def test_store_removes_a_part_that_was_written_but_never_indexed(tmp_path: Path)
     day = next((tmp_path / "store" / "data" / "model=intents").iterdir())
     orphan = day / "part-crashed.parquet"
     orphan.write_bytes(b"half")
+    (day / ".part-crashed2.tmp").write_bytes(b"half")
     store.close()
-    SampleStore(tmp_path / "store")
-    assert not orphan.exists()
+    SampleStore(tmp_path / "store")  # a reader leaves the collector's parts alone
+    assert orphan.exists()
+    SampleStore(tmp_path / "store", collector=True)
+    assert not orphan.exists() and not (day / ".part-crashed2.tmp").exists()
     assert len(list(day.iterdir())) == 1
 
 

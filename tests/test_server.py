@@ -132,3 +132,54 @@ def test_workers_split_a_burst_into_batches_that_run_at_once(tmp_path: Path) -> 
     finally:
         gate.set()
         batcher.stop()
+
+
+def test_a_caller_that_gave_up_does_not_kill_a_worker(tmp_path: Path) -> None:
+    import threading
+
+    from edge_agent.serving.batcher import Batcher
+
+    make_tiny_bundle(tmp_path / "b", version=1)
+    holder = ModelHolder()
+    holder.swap(TextClassifier(bundle_dir=tmp_path / "b", manifest=Manifest.read(tmp_path / "b"),
+                               providers=["CPUExecutionProvider"]))  # fmt: skip
+    batcher = Batcher(model=holder.get, max_batch=8, max_delay_ms=0, queue_size=8, workers=1)
+    gave_up = batcher.submit(["on"])
+    assert gave_up.cancel()  # what asyncio.wait_for does to a request that timed out
+    kept = batcher.submit(["turn on the lights"])
+    batcher.start()
+    try:
+        assert kept.result(timeout=10)[1][0].label == "lights_on"
+        assert batcher.worker_alive
+        assert batcher.predict(["switch off"], timeout_s=10)[1][0].label == "lights_off"
+    finally:
+        batcher.stop()
+    assert threading.active_count() >= 1
+
+
+def test_feedback_with_one_unknown_id_takes_none(tmp_path: Path) -> None:
+    from edge_agent.protocol.samples import SampleRecord, SamplingRules
+    from edge_agent.sampling import Sampler
+
+    make_tiny_bundle(tmp_path / "b", version=1)
+    holder = ModelHolder()
+    holder.swap(TextClassifier(bundle_dir=tmp_path / "b", manifest=Manifest.read(tmp_path / "b"),
+                               providers=["CPUExecutionProvider"]))  # fmt: skip
+    kept: list[SampleRecord] = []
+    sampler = Sampler(rules=SamplingRules(enabled=False), device="d", fleet="f", model="intents", sink=kept.extend)
+    srv = InferenceServer(config=HttpConfig(port=0), holder=holder, model_name="intents", sampler=sampler)
+    srv.start()
+    try:
+        port = srv.address[1]
+        status, body = http_json(port, "POST", "/v1/predict", {"texts": ["on", "off"]})
+        first, second = (p["id"] for p in body["predictions"])
+        unknown = "0" * 32
+        both = {"feedback": [{"id": first, "label": "a"}, {"id": unknown, "label": "b"}]}
+        status, body = http_json(port, "POST", "/v1/feedback", both)
+        assert status == 404 and body["error"].startswith("feedback[1]: prediction id") and kept == []
+        status, body = http_json(port, "POST", "/v1/feedback", {"id": second, "label": "\ud800"})
+        assert status == 400 and '"label"' in body["error"]
+        status, body = http_json(port, "POST", "/v1/feedback", {"id": second, "label": "lights_off"})
+        assert (status, body["accepted"], kept[0].label, kept[0].text) == (202, 1, "lights_off", "off")
+    finally:
+        srv.stop()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import zlib
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -33,6 +34,9 @@ MAX_BATCH_BYTES = 96 * 1024
 MAX_UNCOMPRESSED_BYTES = 16 * 1024 * 1024
 """A batch that inflates past this is refused (a zip bomb is bad input, not a crash)."""
 
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+"""Device, fleet and model names, as in topics (they also name directories in the cloud's store)."""
+
 Reason = Literal["low_confidence", "small_margin", "high_entropy", "random", "feedback"]
 
 
@@ -45,11 +49,11 @@ class SampleRecord(BaseModel):
     id: str = Field(pattern=r"^[0-9a-f]{32}$", description="unique per record; the cloud stores each id once")
     kind: Literal["sample", "feedback"] = "sample"
     prediction_id: str = Field(pattern=r"^[0-9a-f]{32}$", description="the id the API returned with the prediction")
-    device: str
-    fleet: str
-    model: str
+    device: str = Field(pattern=NAME)
+    fleet: str = Field(pattern=NAME)
+    model: str = Field(pattern=NAME)
     version: int = Field(ge=1, description="the model version that made the prediction")
-    created_at: str = Field(description="ISO 8601, UTC")
+    created_at: str = Field(pattern=r"^\d{4}-\d{2}-\d{2}T", description="ISO 8601, UTC")
     text: str | None = Field(default=None, description="the input of a text model")
     image: list[Any] | None = Field(default=None, description="the input of an image model (nested pixel lists)")
     predicted: str = Field(description="the label the model gave")
@@ -65,8 +69,8 @@ class SampleBatch(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
     schema_: Literal["edgeloop.samples/1"] = Field(default=BATCH_SCHEMA, alias="schema")  # type: ignore[arg-type]
-    device: str
-    fleet: str
+    device: str = Field(pattern=NAME)
+    fleet: str = Field(pattern=NAME)
     sent_at: str
     records: list[SampleRecord] = Field(min_length=1)
 
@@ -79,11 +83,18 @@ class SampleBatch(BaseModel):
         """Parse a wire payload (gzip or plain JSON); raise :class:`MalformedPayload` naming the problem."""
         try:
             data = _inflate(payload) if payload[:2] == b"\x1f\x8b" else payload
-            return cls.model_validate(json.loads(data))
-        except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            parsed = json.loads(data)
+        except (OSError, EOFError, zlib.error, ValueError, RecursionError) as exc:
             raise MalformedPayload(f"sample batch is not gzip JSON: {exc}") from None
+        try:
+            batch = cls.model_validate(parsed)
         except ValidationError as exc:
             raise MalformedPayload(f"sample batch does not validate: {_first_error(exc)}") from None
+        try:  # "\ud800" escapes decode to lone surrogates, which no store can write
+            batch.model_dump_json().encode("utf-8")
+        except (ValueError, UnicodeError) as exc:
+            raise MalformedPayload(f"sample batch has text that is not valid Unicode: {exc}") from None
+        return batch
 
 
 def _inflate(payload: bytes) -> bytes:

@@ -173,6 +173,11 @@ class Batcher:
             self._run_batch(jobs)
 
     def _run_batch(self, jobs: list[_Job]) -> None:
+        # A caller that gave up (request timeout) cancelled its future: skip it; setting a result
+        # on it would raise and kill this worker.
+        jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+        if not jobs:
+            return
         model = self._model()
         if model is None:
             for job in jobs:
@@ -185,7 +190,7 @@ class Batcher:
         except Exception as exc:  # noqa: BLE001 - handed to each caller, who answers it
             if len(jobs) > 1:  # one caller's bad input must not fail the others: retry each alone
                 for job in jobs:
-                    self._run_batch([job])
+                    self._run_alone(model, job)
                 return
             jobs[0].future.set_exception(exc)
             return
@@ -193,3 +198,9 @@ class Batcher:
         for job in jobs:
             job.future.set_result((model.version, predictions[start : start + len(job.inputs)]))
             start += len(job.inputs)
+
+    def _run_alone(self, model: Classifier, job: _Job) -> None:
+        try:
+            job.future.set_result((model.version, self._predict(model, job.inputs)))
+        except Exception as exc:  # noqa: BLE001 - handed to the caller, who answers it
+            job.future.set_exception(exc)

@@ -123,6 +123,14 @@ _PREDICTION_ID = re.compile(r"^[0-9a-f]{32}$")
 _LABEL = re.compile(r"^[^\x00-\x1f]{1,100}$")
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a "\\ud800" escape
+        return False
+    return True
+
+
 def parse_feedback_body(body: bytes) -> list[tuple[str, str]]:
     """Validate a ``/v1/feedback`` body: one ``{"id", "label"}`` object or ``{"feedback": [...]}`` of them."""
     try:
@@ -142,7 +150,7 @@ def parse_feedback_body(body: bytes) -> list[tuple[str, str]]:
         prediction_id, label = item["id"], item["label"]
         if not isinstance(prediction_id, str) or not _PREDICTION_ID.fullmatch(prediction_id):
             raise RequestError(HTTPStatus.BAD_REQUEST, f'{where}: "id" must be a prediction id (32 hex characters)')
-        if not isinstance(label, str) or not _LABEL.fullmatch(label):
+        if not isinstance(label, str) or not _LABEL.fullmatch(label) or not _encodable(label):
             raise RequestError(HTTPStatus.BAD_REQUEST, f'{where}: "label" must be a string of 1-100 characters')
         parsed.append((prediction_id, label))
     return parsed
@@ -455,13 +463,16 @@ class InferenceServer:
         if self.sampler is None:
             raise RequestError(HTTPStatus.NOT_FOUND, "feedback is not enabled on this agent")
         items = parse_feedback_body(request.body)
+        for index, (prediction_id, _label) in enumerate(items):  # all known, or none is taken
+            if not self.sampler.remembers(prediction_id):
+                where = f"feedback[{index}]: " if len(items) > 1 else ""
+                raise RequestError(HTTPStatus.NOT_FOUND, f"{where}{UnknownPrediction.message(prediction_id)}")
         accepted = []
-        for index, (prediction_id, label) in enumerate(items):
+        for prediction_id, label in items:
             try:
                 accepted.append(self.sampler.feedback(prediction_id, label).id)
-            except UnknownPrediction as exc:
-                where = f"feedback[{index}]: " if len(items) > 1 else ""
-                raise RequestError(HTTPStatus.NOT_FOUND, f"{where}{exc}") from None
+            except UnknownPrediction as exc:  # forgotten in between: a flood of new predictions
+                raise RequestError(HTTPStatus.NOT_FOUND, str(exc)) from None
         return Response(HTTPStatus.ACCEPTED, {"accepted": len(accepted), "ids": accepted})
 
     async def _infer(self, request: Request, match: re.Match[str]) -> Response:
