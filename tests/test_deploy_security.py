@@ -352,7 +352,7 @@ def test_samples_and_feedback_reach_the_collector_over_tls_end_to_end(
         assert (labelled.label, labelled.label_source, labelled.predicted) == ("lights_on", "device", "lights_off")
         assert store.counts() == {"samples": len(texts), "labelled": 1, "records_received": len(texts) + 1}
         assert [s.prediction_id for s in store.query(labelled=True)] == [ids[1]]
-        assert (collector.stats.malformed, collector.stats.errors) == (0, [])
+        assert (collector.stats.malformed, list(collector.stats.errors)) == (0, [])
         assert collector.stats.new_records == len(texts) + 1
     finally:
         assert agent.stop() == 0, agent.log()
