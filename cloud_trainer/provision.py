@@ -109,6 +109,11 @@ class DeviceRecord:
             "issued_at": self.issued_at,
         }
 
+    @classmethod
+    def from_json(cls, name: str, entry: dict[str, Any]) -> DeviceRecord:
+        """The inverse of :meth:`to_json`, as ``identities.json`` keeps it under the device's name."""
+        return cls(name=name, **{key: entry[key] for key in ("fleet", "group", "auth", "serial", "issued_at")})
+
 
 class Pki:
     """A PKI directory: :meth:`init` creates one, the constructor opens it."""
@@ -203,17 +208,7 @@ class Pki:
         write_private(self.root / "identities.json", json.dumps(data, indent=2).encode() + b"\n")
 
     def devices(self) -> list[DeviceRecord]:
-        return [
-            DeviceRecord(
-                name=name,
-                fleet=d["fleet"],
-                group=d["group"],
-                auth=d["auth"],
-                serial=d["serial"],
-                issued_at=d["issued_at"],
-            )
-            for name, d in sorted(self._identities()["devices"].items())
-        ]
+        return [DeviceRecord.from_json(name, d) for name, d in sorted(self._identities()["devices"].items())]
 
     def add_device(
         self,
@@ -310,14 +305,7 @@ class Pki:
         data.get("passwords", {}).pop(name, None)
         self._save_identities(data)
         self.write_broker_files()
-        return DeviceRecord(
-            name=name,
-            fleet=entry["fleet"],
-            group=entry["group"],
-            auth=entry["auth"],
-            serial=entry["serial"],
-            issued_at=entry["issued_at"],
-        )
+        return DeviceRecord.from_json(name, entry)
 
     # -- the broker's files -----------------------------------------------------------------------
     def write_broker_files(self) -> None:

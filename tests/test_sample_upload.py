@@ -3,25 +3,20 @@ a broker outage, kill -9 with samples queued, a full outbox."""
 
 from __future__ import annotations
 
-import json
 import re
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud_trainer.collect import Collector
 from cloud_trainer.localbroker import LocalBroker, start_local_broker
 from cloud_trainer.publish import push_bundle
 from cloud_trainer.sample_store import SampleStore
 from edge_agent.protocol import Topics
-from tests.conftest import AgentProcess, Keys
+from tests.conftest import AgentProcess, Keys, StateListener
 from tests.tinymodel import make_tiny_bundle
 
 SAMPLE_EVERYTHING = """
@@ -139,29 +134,6 @@ def test_kill_9_with_samples_queued_loses_none(
     collector.stop()
 
 
-class TelemetryListener:
-    def __init__(self, broker: LocalBroker, topic: str) -> None:
-        self.messages: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        self.client.on_connect = lambda c, *_: c.subscribe(topic)
-        self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-
-    def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        with self._lock:
-            self.messages.append(json.loads(msg.payload))
-
-    def latest(self) -> dict[str, Any] | None:
-        with self._lock:
-            return self.messages[-1] if self.messages else None
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
-
-
 def test_full_outbox_drops_the_oldest_counts_and_reports_them(
     tmp_path: Path, broker: LocalBroker, fleet: str, keys: Keys, agent_process: Callable[..., AgentProcess]
 ) -> None:
@@ -180,15 +152,13 @@ def test_full_outbox_drops_the_oldest_counts_and_reports_them(
     assert dropped > 0 and queued > 0
 
     broker.restart()
-    listener = TelemetryListener(broker, Topics(fleet=fleet).device_telemetry("dev-1"))
+    listener = StateListener(broker, Topics(fleet=fleet).device_telemetry("dev-1"))  # any JSON topic
     store = SampleStore(tmp_path / "store")
     collector = collector_for(store, broker, fleet)
     try:
         wait_until(lambda: len(stored_ids(store)) >= queued, "the kept samples to arrive", 90)
         assert stored_ids(store) == set(ids[-queued:])  # the newest survived, the oldest were dropped
-        wait_until(lambda: (listener.latest() or {}).get("samples", {}).get("queued") == 0, "telemetry after upload")
-        report = listener.latest()
-        assert report is not None
+        report = listener.wait_for(lambda t: t.get("samples", {}).get("queued") == 0, 60)
         assert report["samples"]["dropped"] == dropped
         assert report["samples"]["uploaded"] == queued
     finally:
