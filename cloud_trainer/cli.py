@@ -14,13 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from cloud_trainer.cli_deploy import add_connection_arguments, add_deploy_commands, connection_from_args
+from cloud_trainer.cli_evaluate import add_evaluate_command
 from cloud_trainer.cli_samples import add_sample_commands
 from cloud_trainer.errors import BrokerError, CloudTrainError
 
 DEFAULT_BROKER = "127.0.0.1:1883"
 HYPERPARAMETERS = (
     "base_model", "epochs", "batch_size", "learning_rate", "weight_decay", "warmup_ratio",
-    "max_length", "seed", "max_steps", "freeze_base",
+    "max_length", "truncation", "class_weights", "select_metric", "patience", "max_minutes", "group_by_length",
+    "seed", "max_steps", "freeze_base",
 )  # fmt: skip
 
 
@@ -79,15 +81,33 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"fleet samples: {info['labelled']} labelled, {info['added']} added to the training split, "
             f"{info['duplicates_skipped']} already in the data; new labels: {new_labels}"
         )
+    print(f"\nvalidation split ({result.metrics['val_examples']} examples, best epoch {result.metrics['best_epoch']}):")
     print(format_metrics(result.metrics))
-    print(f"{result.metrics['val_examples']} validation examples; metrics: {args.out / 'metrics.json'}")
+    print(f"trained in {result.metrics['training_minutes']:.1f} min; metrics: {args.out / 'metrics.json'}")
     print(f"checkpoint: {result.checkpoint}")
+    if args.test_data is not None:
+        _report_test(args)
     return 0
+
+
+def _report_test(args: argparse.Namespace) -> None:
+    """Score the finished run on ``--test-data``, which training never saw, as ``cloud-train evaluate`` would."""
+    from cloud_trainer.data import load_labelled
+    from cloud_trainer.evaluate import evaluate_source, format_report
+    from cloud_trainer.registry import default_registry
+
+    test = load_labelled(args.test_data, text_column=args.text_column, label_column=args.label_column)
+    report = evaluate_source(str(args.out), test.texts, test.labels, registry_root=default_registry())
+    report["data"] = str(args.test_data)
+    (args.out / "test_metrics.json").write_text(json.dumps(report, indent=2))
+    print(f"\ntest split ({len(test)} examples from {args.test_data}, never trained on):")
+    print(format_report(report))
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     registry = _registry(args)
-    options = {"quantization": args.quantize, "max_accuracy_drop": args.max_accuracy_drop}
+    options = {"quantization": args.quantize, "max_accuracy_drop": args.max_accuracy_drop,
+               "max_f1_drop": args.max_f1_drop}  # fmt: skip
     if (args.run / "checkpoint" / "model.pt").is_file():  # a digits CNN run
         from cloud_trainer.digits import export_digits
 
@@ -155,19 +175,26 @@ def _cmd_models(args: argparse.Namespace) -> int:
         if not rows:
             print(f"no models in {registry.root}")
             return 0
-        print(f"{'model:version':<20} {'registered':<26} {'quantization':<13} {'accuracy':>8} {'MB':>7} {'parent':>6}")
+        print(
+            f"{'model:version':<20} {'registered':<26} {'quantization':<13} {'accuracy':>8} {'macro-F1':>8} "
+            f"{'split':<18} {'MB':>7} {'parent':>6}"
+        )
         for row in rows:
             accuracy = f"{row['accuracy']:.3f}" if row["accuracy"] is not None else "-"
+            macro_f1 = f"{row['macro_f1']:.3f}" if row["macro_f1"] is not None else "-"
+            split = f"{row['split']} n={row['examples']}" if row["split"] and row["examples"] is not None else "-"
             print(
-                f"{row['ref']:<20} {row['registered']:<26} {row['quantization']:<13} {accuracy:>8} "
-                f"{row['bytes'] / 1e6:>7.1f} {row['parent'] or '-':>6}"
+                f"{row['ref']:<20} {row['registered']:<26} {row['quantization']:<13} {accuracy:>8} {macro_f1:>8} "
+                f"{split:<18} {row['bytes'] / 1e6:>7.1f} {row['parent'] or '-':>6}"
             )
         return 0
     if args.models_command == "show":
         entry = registry.get(*parse_ref(args.ref))
         manifest = entry.manifest.model_dump(by_alias=True, exclude={"files"})
         manifest["files"] = [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in entry.manifest.files]
-        print(json.dumps({"record": entry.record, "manifest": manifest}, indent=2, default=str))
+        # stdout stays one JSON document; "summary" names the split and size the metrics were measured on
+        shown = {"summary": summary(entry), "record": entry.record, "manifest": manifest}
+        print(json.dumps(shown, indent=2, default=str))
         return 0
     a, b = (registry.get(*parse_ref(ref)) for ref in (args.a, args.b))
     changes = diff(a, b)
@@ -197,16 +224,28 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--out", type=Path, required=True, help="run directory to write")
     p.add_argument("--val-data", type=Path, help="explicit validation set (default: a stratified split of --data)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of --data held out (default 0.2)")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--label-column", default="label")
+    p.add_argument("--text-column", default="text", help="default text")
+    p.add_argument("--label-column", default="label", help="default label")
+    p.add_argument("--test-data", type=Path, help="labelled test file: scored at the end, never trained on")
     p.add_argument("--config", type=Path, help="TOML file whose [train] table sets any hyperparameter below")
     p.add_argument("--base-model", help="hub id or local directory (default: the packaged MiniLM)")
-    p.add_argument("--epochs", type=float, help="default 8")
+    p.add_argument("--epochs", type=float, help="most epochs; early stopping may end sooner (default: 8; 30 frozen)")
     p.add_argument("--batch-size", type=int, help="default 16")
-    p.add_argument("--learning-rate", type=float, help="default 2e-4")
+    p.add_argument("--learning-rate", type=float, help="peak AdamW rate (default: 1e-4; 2e-3 with --freeze-base)")
     p.add_argument("--weight-decay", type=float, help="default 0.01")
-    p.add_argument("--warmup-ratio", type=float, help="default 0.1")
-    p.add_argument("--max-length", type=int, help="tokens; default 64")
+    p.add_argument("--warmup-ratio", type=float, help="share of steps warming up (default: 0.1; 0 frozen)")
+    p.add_argument("--max-length", type=int,
+                   help="tokens per text (default: p95 of the training texts, at most 256)")  # fmt: skip
+    p.add_argument("--truncation", choices=["auto", "head", "head+tail"],
+                   help="what a long text keeps (default auto: head+tail when over 1%% of texts are cut)")  # fmt: skip
+    p.add_argument("--class-weights", choices=["auto", "balanced", "none"],
+                   help="inverse-frequency loss weights (default auto: balanced when imbalanced)")  # fmt: skip
+    p.add_argument("--select-metric", choices=["macro_f1", "accuracy", "loss"],
+                   help="validation metric that picks the best epoch (default macro_f1)")  # fmt: skip
+    p.add_argument("--patience", type=int, help="epochs without improvement before stopping; 0: never (default 3)")
+    p.add_argument("--max-minutes", type=float, help="training-time budget; epochs are fitted to it (default: none)")
+    p.add_argument("--no-group-by-length", dest="group_by_length", action="store_false", default=None,
+                   help="batch texts in random order instead of by similar length")  # fmt: skip
     p.add_argument("--max-steps", type=int, help="stop after N steps (default: no limit)")
     p.add_argument("--seed", type=int, help="default 42; the same seed reproduces the model")
     p.add_argument("--freeze-base", action="store_true", default=None, help="train only the classification head")
@@ -228,7 +267,12 @@ def _add_export(sub: Any) -> None:
     p.add_argument("--quantize", choices=["dynamic-int8", "static-int8", "fp16", "none"], default="dynamic-int8")
     p.add_argument("--target", choices=["avx2", "avx512_vnni", "arm64"], default="avx2",
                    help="CPU preset for dynamic int8 (default avx2)")  # fmt: skip
-    p.add_argument("--max-accuracy-drop", type=float, default=1.0, help="quantization gate in accuracy points")
+    p.add_argument("--max-accuracy-drop", type=float, default=1.0,
+                   help="quantization gate: accuracy points the bundle may lose against fp32 (default 1.0); "
+                        "a larger drop fails if significant (McNemar p < 0.05) or over 3x this")  # fmt: skip
+    p.add_argument("--max-f1-drop", type=float, default=0.02,
+                   help="quantization gate: macro-F1 the bundle may lose against fp32 (default 0.02); "
+                        "a larger drop fails if significant (bootstrap p < 0.05) or over 3x this")  # fmt: skip
     p.add_argument("--registry", type=Path, help=from_registry)
     p.set_defaults(func=_cmd_export)
 
@@ -250,13 +294,17 @@ def _add_push(sub: Any) -> None:
 
 
 def _add_models(sub: Any) -> None:
+    from_registry = "registry directory (default: $EDGELOOP_REGISTRY or ~/.edgeloop/registry)"
     p = sub.add_parser("models", help="the model registry: list, show, diff")
-    p.add_argument("--registry", type=Path, help="registry directory")
+    p.add_argument("--registry", type=Path, help=from_registry)
+    # accepted after the sub-command too; SUPPRESS keeps a value given before it
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("--registry", type=Path, default=argparse.SUPPRESS, help=from_registry)
     models = p.add_subparsers(dest="models_command", required=True)
-    models.add_parser("list", help="every registered version")
-    show = models.add_parser("show", help="one version's record and manifest")
+    models.add_parser("list", help="every registered version", parents=[after])
+    show = models.add_parser("show", help="one version's record and manifest", parents=[after])
     show.add_argument("ref", help="MODEL[:VERSION]")
-    compare = models.add_parser("diff", help="what changed between two versions")
+    compare = models.add_parser("diff", help="what changed between two versions", parents=[after])
     compare.add_argument("a", help="MODEL:VERSION")
     compare.add_argument("b", help="MODEL:VERSION")
     p.set_defaults(func=_cmd_models)
@@ -282,7 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cloud-train", description="Train, export, sign and push edge models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_export, _add_push, _add_models, _add_misc, add_deploy_commands, add_sample_commands):
+    for add in (
+        _add_train, _add_export, _add_push, _add_models, _add_misc, add_deploy_commands, add_sample_commands,
+        add_evaluate_command,
+    ):  # fmt: skip
         add(sub)
     return parser
 

@@ -14,6 +14,7 @@ metrics live in the bundle's manifest; the record adds what the manifest cannot 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -100,7 +101,8 @@ class Registry:
     ) -> ModelVersion:
         """Build a bundle with ``build(bundle_dir, version, parent_version)`` and register it.
 
-        ``build`` must raise if a gate fails; then nothing is registered.
+        ``build`` must raise if a gate fails; then nothing is registered, and a model directory
+        this call created is removed again, so no model without versions is listed.
         """
         check_segment("model", model)
         existing = self.versions(model)
@@ -108,7 +110,9 @@ class Registry:
         if version in existing:
             raise RegistryError(f"{model}:{version} is already registered; versions are immutable")
         parent = max((v for v in existing if v < version), default=None)
-        staging = self.root / model / f".staging-{version}"
+        model_dir = self.root / model
+        created_model_dir = not model_dir.exists()
+        staging = model_dir / f".staging-{version}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         try:
@@ -130,6 +134,9 @@ class Registry:
         except BaseException:
             _make_writable(staging)
             shutil.rmtree(staging, ignore_errors=True)
+            if created_model_dir:
+                with contextlib.suppress(OSError):  # not empty: another version arrived meanwhile
+                    model_dir.rmdir()
             raise
         return self.get(model, version)
 
@@ -172,16 +179,21 @@ def _make_writable(path: Path) -> None:
 
 
 def summary(entry: ModelVersion) -> dict[str, Any]:
-    """The fields ``models list`` shows."""
+    """The fields ``models list`` shows; a metric an older manifest lacks is None."""
     metrics = entry.manifest.metrics
     export = metrics.get("export", {})
+    bundle = metrics.get("bundle", {})
     return {
         "ref": entry.ref,
         "registered": entry.record.get("registered_at", ""),
         "task": entry.manifest.task,
         "quantization": entry.manifest.quantization,
-        "accuracy": metrics.get("bundle_accuracy"),
+        "accuracy": bundle.get("accuracy", metrics.get("bundle_accuracy")),
+        "macro_f1": bundle.get("macro_f1", export.get("bundle_model_macro_f1")),
         "fp32_accuracy": export.get("onnx_fp32_accuracy"),
+        "fp32_macro_f1": export.get("onnx_fp32_macro_f1"),
+        "split": bundle.get("split", export.get("split")),
+        "examples": bundle.get("examples", export.get("examples")),
         "bytes": entry.manifest.total_bytes,
         "parent": entry.record.get("parent_version"),
         "bundle_sha256": entry.record.get("bundle_sha256", "")[:12],

@@ -74,7 +74,8 @@ def train_run(
         "dataset_sha256": file_sha256(data_path),
         "samples": samples_info,
         "base_model": config.base_model,
-        "hyperparameters": asdict(config),
+        "hyperparameters": asdict(result.config),
+        "preprocessing": result.preprocessing.model_dump(),
         "labels": result.labels,
     }
     (run_dir / "run.json").write_text(json.dumps(info, indent=2))
@@ -92,6 +93,7 @@ def export_run(
     quantization: str = "dynamic-int8",
     target: str = "avx2",
     max_accuracy_drop: float = 1.0,
+    max_f1_drop: float = 0.02,
     parent_version: int | None = None,
 ) -> ExportResult:
     """Export a finished run to a bundle, through every gate."""
@@ -129,9 +131,20 @@ def export_run(
         target=target,
         calibration_texts=train.texts[:256],
         max_accuracy_drop=max_accuracy_drop,
-        max_length=max(int(hyper.get("max_length", 64)), 64),
+        max_f1_drop=max_f1_drop,
+        **_preprocessing(info),
     )
     return export_text_classifier(request)
+
+
+def _preprocessing(info: dict[str, Any]) -> dict[str, Any]:
+    """How the run tokenized its texts; the device must do the same. Runs from before head+tail truncate heads."""
+    pre = info.get("preprocessing") or {"max_length": int(info["hyperparameters"].get("max_length") or 64)}
+    return {
+        "max_length": int(pre["max_length"]),
+        "truncation": str(pre.get("truncation", "head")),
+        "head_tokens": int(pre.get("head_tokens", 0)),
+    }
 
 
 def register_run(

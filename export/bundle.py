@@ -99,12 +99,26 @@ def stage_bundle(
     return write_manifest(bundle_dir, fields)
 
 
-def stage_text_bundle(bundle_dir: Path, *, tokenizer_file: Path, max_length: int, **common: Any) -> Manifest:
-    """A text-classification bundle: the model plus its Hugging Face ``tokenizer.json``."""
+def stage_text_bundle(
+    bundle_dir: Path,
+    *,
+    tokenizer_file: Path,
+    max_length: int,
+    truncation: str = "head",
+    head_tokens: int = 0,
+    **common: Any,
+) -> Manifest:
+    """A text-classification bundle: the model plus its Hugging Face ``tokenizer.json``, truncated as in training."""
+    preprocessing = TextPreprocessing(
+        tokenizer=TOKENIZER_FILE,
+        max_length=max_length,
+        truncation=truncation,
+        head_tokens=head_tokens,
+    )
     return stage_bundle(
         bundle_dir,
         task="text-classification",
-        preprocessing=TextPreprocessing(tokenizer=TOKENIZER_FILE, max_length=max_length),
+        preprocessing=preprocessing,
         extra_files={TOKENIZER_FILE: tokenizer_file},
         **common,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import warnings
 from pathlib import Path
 
@@ -19,7 +20,11 @@ def export_onnx(checkpoint: Path, out_dir: Path, *, opset: int | None = None) ->
     """
     from optimum.exporters.onnx import main_export
 
+    from export.pooling import is_mean_pooling
+
     out_dir.mkdir(parents=True, exist_ok=True)
+    if is_mean_pooling(checkpoint):
+        return _export_mean_pooling(checkpoint, out_dir, opset=opset)
     try:
         with warnings.catch_warnings():
             # The tracer warns about constants in the attention-mask helper; the parity gate checks the result.
@@ -37,6 +42,29 @@ def export_onnx(checkpoint: Path, out_dir: Path, *, opset: int | None = None) ->
     if not model.is_file():
         raise OnnxExportFailed(f"optimum wrote no model.onnx in {out_dir}")
     return model
+
+
+def _export_mean_pooling(checkpoint: Path, out_dir: Path, *, opset: int | None) -> Path:
+    """optimum's exporter with BERT's ONNX config (same inputs, ``logits`` out) for the mean-pooling head.
+
+    optimum's task registry does not know our ``model_type``, so its lower-level ``export`` is
+    called with the config given; the parity gate compares the result with PyTorch afterwards.
+    """
+    from optimum.exporters.onnx import export
+    from optimum.exporters.onnx.model_configs import BertOnnxConfig
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(checkpoint)).eval()
+        config = BertOnnxConfig(model.config, task="text-classification")
+        model_file = out_dir / "model.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            export(model, config, model_file, opset=opset or config.DEFAULT_ONNX_OPSET)
+        shutil.copyfile(checkpoint / "tokenizer.json", out_dir / "tokenizer.json")
+    except Exception as exc:
+        raise OnnxExportFailed(f"optimum could not export {checkpoint}: {exc}") from exc
+    return model_file
 
 
 def onnx_opset(model: Path) -> int:

@@ -1,4 +1,4 @@
-"""The whole export: checkpoint → ONNX → parity gate → optimize/quantize → accuracy gate → bundle."""
+"""The whole export: checkpoint → ONNX → parity gate → optimize/quantize → quantization gate → bundle."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Any
 from edge_agent.protocol import Lineage, Manifest
 from edge_agent.runtime import TextClassifier
 from export.bundle import record_golden, stage_text_bundle
-from export.errors import AccuracyGateFailed, ExportError
+from export.errors import ExportError, ValidationFailed
+from export.gates import judge_quantization
 from export.onnx_export import export_onnx, onnx_opset
 from export.quantize import (
     QUANTIZATIONS,
@@ -21,9 +22,10 @@ from export.quantize import (
     quantize_dynamic_preset,
     quantize_static_int8,
 )
-from export.validate import accuracy, check_accuracy_drop, check_parity, torch_logits
+from export.validate import check_parity, torch_logits
 
 log = logging.getLogger(__name__)
+SPLIT = "validation"  # the split every metric the export writes is measured on
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,11 +43,14 @@ class ExportRequest:
         val_labels: their labels.
         lineage: where the model came from.
         metrics: evaluation metrics from training, stored in the manifest.
-        max_length: tokenizer truncation length on the device.
+        max_length: tokens per text on the device (special tokens included), as in training.
+        truncation: ``head`` or ``head+tail``, as in training.
+        head_tokens: head+tail only: tokens kept from the start.
         quantization: one of :data:`export.quantize.QUANTIZATIONS`.
         target: CPU preset for dynamic int8 (:data:`export.quantize.TARGETS`).
         calibration_texts: training texts that calibrate static int8 (a few hundred are plenty).
         max_accuracy_drop: the quantization gate, in accuracy points.
+        max_f1_drop: the quantization gate, in macro-F1 (0..1); see :mod:`export.gates`.
         parity_atol: how far ONNX fp32 logits may be from PyTorch's.
         golden_count: how many validation texts become golden vectors.
     """
@@ -61,10 +66,13 @@ class ExportRequest:
     lineage: Lineage
     metrics: dict[str, Any] = field(default_factory=dict)
     max_length: int = 128
+    truncation: str = "head"
+    head_tokens: int = 0
     quantization: str = "dynamic-int8"
     target: str = "avx2"
     calibration_texts: list[str] = field(default_factory=list)
     max_accuracy_drop: float = 1.0
+    max_f1_drop: float = 0.02
     parity_atol: float = 1e-3
     golden_count: int = 8
 
@@ -101,6 +109,8 @@ def export_text_classifier(req: ExportRequest) -> ExportResult:
         "version": req.version,
         "labels": req.labels,
         "max_length": req.max_length,
+        "truncation": req.truncation,
+        "head_tokens": req.head_tokens,
         "opset": opset,
         "lineage": req.lineage,
     }
@@ -110,11 +120,14 @@ def export_text_classifier(req: ExportRequest) -> ExportResult:
         fp32_bundle, model_file=fp32_model, tokenizer_file=tokenizer, quantization="none", **common
     )
     fp32 = TextClassifier(bundle_dir=fp32_bundle, manifest=fp32_manifest, providers=["CPUExecutionProvider"])
-    reference = torch_logits(req.checkpoint, req.val_texts, max_length=req.max_length)
+    reference = torch_logits(req.checkpoint, req.val_texts, encoder=fp32.encoder)
     parity = check_parity(reference, fp32, req.val_texts, atol=req.parity_atol)
-    fp32_accuracy = accuracy(fp32, req.val_texts, req.val_labels)
+    fp32_pred = _predicted(fp32, req.val_texts)
+    fp32_accuracy = _accuracy(fp32_pred, req.val_labels)
     log.info("ONNX fp32 matches PyTorch: max |diff| %.2e on %d texts", parity.max_abs_diff, parity.samples)
     report: dict[str, Any] = {
+        "split": SPLIT,
+        "examples": len(req.val_texts),
         "parity_max_abs_diff": parity.max_abs_diff,
         "parity_samples": parity.samples,
         "onnx_fp32_accuracy": fp32_accuracy,
@@ -128,21 +141,44 @@ def export_text_classifier(req: ExportRequest) -> ExportResult:
         req.out_dir, model_file=shipped, tokenizer_file=tokenizer, quantization=req.quantization, **common
     )
     candidate = TextClassifier(bundle_dir=req.out_dir, manifest=staged, providers=["CPUExecutionProvider"])
-    bundle_accuracy = accuracy(candidate, req.val_texts, req.val_labels)
+    bundle_pred = _predicted(candidate, req.val_texts)
+    bundle_accuracy = _accuracy(bundle_pred, req.val_labels)
     report["quantization"] = req.quantization
     report["target"] = req.target if req.quantization == "dynamic-int8" else None
     report["bundle_model_accuracy"] = bundle_accuracy
     report["bundle_model_bytes"] = shipped.stat().st_size
-    if req.quantization != "none":
-        try:
-            check_accuracy_drop(
-                fp32_accuracy, bundle_accuracy, max_drop_points=req.max_accuracy_drop, variant=req.quantization
-            )
-        except AccuracyGateFailed:
-            shutil.rmtree(req.out_dir, ignore_errors=True)  # no bundle that failed a gate is left to push
-            raise
+    try:  # "none" ships the fused fp32 graph: judged and recorded, not enforced
+        gate = judge_quantization(
+            fp32_pred, bundle_pred, req.val_labels, req.labels, variant=req.quantization, split=SPLIT,
+            max_accuracy_drop_points=req.max_accuracy_drop, max_macro_f1_drop=req.max_f1_drop,
+            raise_on_failure=req.quantization != "none",
+        )  # fmt: skip
+    except ExportError:  # AccuracyGateFailed, or ValidationFailed for labels that do not line up
+        shutil.rmtree(req.out_dir, ignore_errors=True)  # no bundle that failed a gate is left to push
+        raise
+    report["onnx_fp32_macro_f1"] = gate.macro_f1_reference
+    report["bundle_model_macro_f1"] = gate.macro_f1_candidate
+    report["gate"] = {**gate.to_dict(), "enforced": req.quantization != "none"}
+    log.info("quantization gate: %s", gate.reason)
 
-    metrics = {**req.metrics, "export": report, "bundle_accuracy": bundle_accuracy}
+    given = {
+        name: {"split": SPLIT, "examples": len(req.val_texts), **block} if isinstance(block, dict) else block
+        for name, block in req.metrics.items()
+    }
+    bundle = {"split": SPLIT, "examples": len(req.val_texts), "accuracy": bundle_accuracy,
+              "macro_f1": gate.macro_f1_candidate}  # fmt: skip
+    metrics = {**given, "export": report, "bundle": bundle, "bundle_accuracy": bundle_accuracy}
     manifest = record_golden(req.out_dir, staged, req.val_texts[: req.golden_count], metrics=metrics)
     (req.work_dir / "export_report.json").write_text(json.dumps(report, indent=2))
     return ExportResult(bundle_dir=req.out_dir, manifest=manifest, report=report)
+
+
+def _predicted(classifier: TextClassifier, texts: list[str], batch_size: int = 32) -> list[str]:
+    """The label ``classifier`` predicts for each text, in order."""
+    if not texts:
+        raise ValidationFailed(f"no {SPLIT} examples to measure accuracy on")
+    return [p.label for i in range(0, len(texts), batch_size) for p in classifier.predict(texts[i : i + batch_size])]
+
+
+def _accuracy(predicted: list[str], truth: list[str]) -> float:
+    return sum(p == t for p, t in zip(predicted, truth, strict=True)) / len(truth)

@@ -39,7 +39,8 @@ def quantize_dynamic_preset(fp32: Path, out: Path, *, target: str) -> Path:
 
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    config = getattr(AutoQuantizationConfig, target)(is_static=False, per_channel=False)
+    # per-channel weights: per-tensor scales flipped 6 of 70 predictions of a mean-pooling MiniLM, per-channel none
+    config = getattr(AutoQuantizationConfig, target)(is_static=False, per_channel=True)
     save_dir = out.parent / f".{out.stem}-optimum"
     quantizer = ORTQuantizer.from_pretrained(str(fp32.parent), file_name=fp32.name)
     quantizer.quantize(save_dir=str(save_dir), quantization_config=config)

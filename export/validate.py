@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_agent.runtime import TextClassifier
+from edge_agent.runtime.text import TextEncoder
 from export.errors import AccuracyGateFailed, ValidationFailed
 
 
@@ -25,24 +26,24 @@ class ParityReport:
 
 
 def torch_logits(
-    checkpoint: Path, texts: list[str], *, max_length: int, batch_size: int = 32
+    checkpoint: Path, texts: list[str], *, encoder: TextEncoder, batch_size: int = 32
 ) -> npt.NDArray[np.float32]:
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    """The checkpoint's logits in PyTorch, on the very token ids the bundle's encoder gives the device."""
+    import inspect
 
-    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))  # type: ignore[no-untyped-call]
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    import export.pooling  # noqa: F401 - registers the mean-pooling classifier with the Auto classes
+
     model = AutoModelForSequenceClassification.from_pretrained(str(checkpoint)).eval()
+    accepted = inspect.signature(model.forward).parameters
     chunks = []
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
-            batch = tokenizer(
-                texts[start : start + batch_size],
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-                return_tensors="pt",
-            )
-            chunks.append(model(**batch).logits.float().numpy())
+            arrays = encoder.encode(texts[start : start + batch_size])
+            feeds = {name: torch.from_numpy(values) for name, values in arrays.items() if name in accepted}
+            chunks.append(model(**feeds).logits.float().numpy())
     return np.concatenate(chunks).astype(np.float32)
 
 

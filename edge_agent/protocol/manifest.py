@@ -78,6 +78,20 @@ class TextPreprocessing(_Frozen):
     max_length: int = Field(gt=0, le=8192)
     pad_token: str = "[PAD]"
     lowercase: bool = Field(default=False, description="lowercase before tokenizing (if the tokenizer does not)")
+    truncation: Literal["head", "head+tail"] = Field(
+        default="head",
+        description="which tokens a text longer than max_length keeps: the first ones (head), or the first "
+        "head_tokens plus the last ones (head+tail, better for long reviews and tickets)",
+    )
+    head_tokens: int = Field(
+        default=0, ge=0, le=8192, description="head+tail only: tokens kept from the start; the rest from the end"
+    )
+
+    @model_validator(mode="after")
+    def _head_fits(self) -> TextPreprocessing:
+        if self.truncation == "head+tail" and self.head_tokens >= self.max_length:
+            raise ValueError("head_tokens must be below max_length")
+        return self
 
 
 class ImagePreprocessing(_Frozen):

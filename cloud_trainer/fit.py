@@ -1,0 +1,137 @@
+"""The parts the Hugging Face Trainer is given: a class-weighted loss, per-epoch validation lines,
+early stopping that restores the best epoch, and a training-time budget.
+
+The Trainer itself stays (so accelerate and torchrun work unchanged); these are its seams.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+SELECT_METRICS = ("macro_f1", "accuracy", "loss")
+
+
+class WeightedLossTrainer(Trainer):
+    """A Trainer whose cross-entropy weights each class (``class_weights``, in label-id order)."""
+
+    def __init__(self, *args: Any, class_weights: list[float] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False  # the loss below is a plain (weighted) mean per batch
+        self.class_weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | None = None,
+    ) -> Any:
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        loss = weighted_cross_entropy(outputs.logits, labels, self.class_weights)
+        return (loss, outputs) if return_outputs else loss
+
+
+def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean cross-entropy where an example of class c counts ``weights[c]`` (PyTorch's weighted mean)."""
+    weight = None if weights is None else weights.to(logits.device, logits.dtype)
+    return torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), weight=weight)
+
+
+class BestEpoch(TrainerCallback):
+    """After each epoch's evaluation: print one line, keep the best weights, stop on patience or budget.
+
+    Args:
+        metric: ``macro_f1``, ``accuracy`` (higher is better) or ``loss`` (lower is better).
+        patience: epochs without improvement before stopping; 0 never stops early.
+        budget_s: stop when the next epoch would not finish within this many seconds (None: no budget).
+        say: where the per-epoch lines go.
+    """
+
+    def __init__(self, *, metric: str, patience: int, budget_s: float | None, say: Callable[[str], None]) -> None:
+        if metric not in SELECT_METRICS:
+            raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(SELECT_METRICS)}")
+        self.metric = metric
+        self.patience = patience
+        self.budget_s = budget_s
+        self.say = say
+        self.best_value: float | None = None
+        self.best_epoch = 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.history: list[dict[str, float]] = []
+        self.stop_reason = ""
+        self._started = time.monotonic()
+        self._epoch_started = self._started
+        self._train_loss: float | None = None
+
+    def _better(self, value: float) -> bool:
+        if self.best_value is None or math.isnan(self.best_value):
+            return not math.isnan(value)
+        return value < self.best_value if self.metric == "loss" else value > self.best_value
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        self._started = self._epoch_started = time.monotonic()
+
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+        logs: dict[str, float] | None = None, **kw: Any,
+    ) -> None:  # fmt: skip
+        if logs and "loss" in logs:
+            self._train_loss = float(logs["loss"])
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if self.budget_s is not None and time.monotonic() - self._started > self.budget_s:
+            control.should_training_stop = True
+            control.should_evaluate = True  # the last, partial epoch is still judged
+            self.stop_reason = f"the --max-minutes budget ran out in epoch {math.ceil(state.epoch or 0)}"
+
+    def on_evaluate(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+        metrics: dict[str, float] | None = None, model: Any = None, **kw: Any,
+    ) -> None:  # fmt: skip
+        if not metrics:
+            return
+        now = time.monotonic()
+        epoch = round(state.epoch or 0, 2)
+        row = {
+            "epoch": epoch,
+            "train_loss": self._train_loss if self._train_loss is not None else float("nan"),
+            "loss": float(metrics.get("eval_loss", float("nan"))),
+            "accuracy": float(metrics.get("eval_accuracy", float("nan"))),
+            "macro_f1": float(metrics.get("eval_macro_f1", float("nan"))),
+            "seconds": now - self._epoch_started,
+        }
+        self.history.append(row)
+        value = row[self.metric]
+        improved = self._better(value)
+        if improved and model is not None:
+            self.best_value, self.best_epoch = value, len(self.history)
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        total = math.ceil(args.num_train_epochs) if args.max_steps <= 0 else "?"
+        self.say(
+            f"epoch {len(self.history)}/{total}  train loss {row['train_loss']:.4f}  val loss {row['loss']:.4f}  "
+            f"accuracy {row['accuracy']:.3f}  macro-F1 {row['macro_f1']:.3f}  {row['seconds']:.0f} s"
+            + ("  * best" if improved else "")
+        )
+        self._epoch_started = now
+        if self.patience and len(self.history) - self.best_epoch >= self.patience:
+            control.should_training_stop = True
+            self.stop_reason = f"no better {self.metric} for {self.patience} epochs"
+        elif self.budget_s is not None and not control.should_training_stop:
+            elapsed = now - self._started
+            per_epoch = elapsed / len(self.history)
+            if elapsed + per_epoch > self.budget_s:
+                control.should_training_stop = True
+                self.stop_reason = "another epoch would not fit in --max-minutes"
+
+    def restore_best(self, model: torch.nn.Module) -> None:
+        """Load the best epoch's weights into ``model`` (a no-op if no epoch was evaluated)."""
+        if self.best_state is not None:
+            model.load_state_dict(copy.deepcopy(self.best_state))
