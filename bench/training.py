@@ -1,6 +1,6 @@
 """Training quality on real, public data: new defaults vs old defaults vs a plain fine-tune, side by side.
 
-For each data set (see ``bench/datasets.py``) and each recipe, in one run on this machine:
+For each data set (see ``bench/public_data.py``) and each recipe, in one run on this machine:
 train on the training file (a stratified 20 % of it is the validation split), export to dynamic
 int8 through every gate, and score both the PyTorch run and the int8 bundle (the device's own
 runtime) on the test file, which training never saw. Prints accuracy, macro-F1, training
@@ -29,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.datasets import WHEELS, prepare
+from bench.public_data import WHEELS, prepare
 
 RECIPES: dict[str, dict[str, Any]] = {
     "defaults": {},

@@ -22,6 +22,7 @@ DEFAULT_BROKER = "127.0.0.1:1883"
 HYPERPARAMETERS = (
     "base_model", "epochs", "batch_size", "learning_rate", "weight_decay", "warmup_ratio",
     "max_length", "truncation", "class_weights", "select_metric", "patience", "max_minutes", "group_by_length",
+    "pooling", "keep",
     "seed", "max_steps", "freeze_base",
 )  # fmt: skip
 
@@ -246,6 +247,10 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--max-minutes", type=float, help="training-time budget; epochs are fitted to it (default: none)")
     p.add_argument("--no-group-by-length", dest="group_by_length", action="store_false", default=None,
                    help="batch texts in random order instead of by similar length")  # fmt: skip
+    p.add_argument("--pooling", choices=["auto", "mean", "cls"],
+                   help="classify the mean of the token states or the [CLS] token (default auto: mean for "
+                        "sentence-transformer bases such as the packaged MiniLM)")  # fmt: skip
+    p.add_argument("--keep", choices=["best", "last"], help="which epoch's model to save (default best)")
     p.add_argument("--max-steps", type=int, help="stop after N steps (default: no limit)")
     p.add_argument("--seed", type=int, help="default 42; the same seed reproduces the model")
     p.add_argument("--freeze-base", action="store_true", default=None, help="train only the classification head")
@@ -264,7 +269,8 @@ def _add_export(sub: Any) -> None:
     p.add_argument("--run", type=Path, required=True, help="run directory from `cloud-train train`")
     p.add_argument("--model", default="intents", help="model name in the fleet (default intents)")
     p.add_argument("--version", type=int, help="default: the next version")
-    p.add_argument("--quantize", choices=["dynamic-int8", "static-int8", "fp16", "none"], default="dynamic-int8")
+    p.add_argument("--quantize", choices=["dynamic-int8", "static-int8", "fp16", "none"], default="dynamic-int8",
+                   help="precision of the shipped model")  # fmt: skip
     p.add_argument("--target", choices=["avx2", "avx512_vnni", "arm64"], default="avx2",
                    help="CPU preset for dynamic int8 (default avx2)")  # fmt: skip
     p.add_argument("--max-accuracy-drop", type=float, default=1.0,
@@ -288,7 +294,7 @@ def _add_push(sub: Any) -> None:
     p.add_argument("--artifact-url", help="devices fetch the bundle from this http(s) directory, not MQTT chunks")
     p.add_argument("--key", type=Path, required=True, help="ed25519 signing key (PEM)")
     add_connection_arguments(p)  # --broker, --mqtt-config (TLS and the cloud identity)
-    p.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], default="5")
+    p.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], default="5", help="MQTT version")
     p.add_argument("--registry", type=Path, help="registry directory")
     p.set_defaults(func=_cmd_push)
 
@@ -313,7 +319,7 @@ def _add_models(sub: Any) -> None:
 def _add_misc(sub: Any) -> None:
     keygen = sub.add_parser("keygen", help="create an ed25519 release-signing key pair")
     keygen.add_argument("--out", type=Path, required=True, help="directory for the key files")
-    keygen.add_argument("--name", default="release")
+    keygen.add_argument("--name", default="release", help="file name stem of the key pair")
     keygen.set_defaults(func=_cmd_keygen)
 
     demo = sub.add_parser("demo", help="the whole loop on this machine: train, export, push, serve")
@@ -321,13 +327,37 @@ def _add_misc(sub: Any) -> None:
     demo.add_argument("--broker-kind", choices=["auto", "mosquitto", "amqtt"], default="auto",
                       help="which broker to start when --broker is not given")  # fmt: skip
     demo.add_argument("--workdir", type=Path, default=Path("demo-run"), help="scratch directory (wiped first)")
-    demo.add_argument("--epochs", type=float, default=8.0)
+    demo.add_argument("--epochs", type=float, default=8.0, help="most training epochs")
     demo.add_argument("--max-steps", type=int, default=-1, help="cap training steps (quick runs)")
     demo.set_defaults(func=_cmd_demo)
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+    """Adds "(default: X)" to an option's help unless it already names its default or has none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default in (None, False, argparse.SUPPRESS)
+            or not action.option_strings
+            or isinstance(action, argparse._HelpAction)
+        ):
+            return action.help
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every parser and sub-parser of ``cloud-train`` shows its defaults in ``--help``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _ShowDefaults)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cloud-train", description="Train, export, sign and push edge models.")
+    parser = _Parser(prog="cloud-train", description="Train, export, sign and push edge models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (

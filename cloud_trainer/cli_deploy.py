@@ -129,7 +129,7 @@ def add_deploy_commands(sub: Any) -> None:
     init.add_argument("--broker-name", action="append", default=[], help="another name or address of the broker")
     init.add_argument("--cert-port", type=int, default=8883, help="TLS listener with client certificates")
     init.add_argument("--password-port", type=int, default=8884, help="TLS listener with passwords")
-    init.add_argument("--topic-root", default="edgeloop/v1")
+    init.add_argument("--topic-root", default="edgeloop/v1", help="MQTT topic prefix the ACLs allow")
     init.add_argument("--release-key", type=Path, help="release.pub that devices will trust (default for device add)")
     init.set_defaults(func=_cmd_pki_init)
 
@@ -144,7 +144,7 @@ def add_deploy_commands(sub: Any) -> None:
     add.add_argument("--model", default="intents", help="the model slot the device serves (default intents)")
     add.add_argument("--auth", choices=["cert", "password"], default="cert", help="client certificate (default)")
     add.add_argument("--release-key", type=Path, help="release.pub to trust (default: the one given at pki init)")
-    add.add_argument("--state-dir", default="/var/lib/edge-agent")
+    add.add_argument("--state-dir", default="/var/lib/edge-agent", help="the agent's state directory on the device")
     add.add_argument("--broker", type=parse_broker, help="HOST:PORT devices connect to (default: from pki init)")
     revoke = dev.add_parser("revoke", help="revoke a device: CRL, password and ACL entries")
     revoke.add_argument("name")

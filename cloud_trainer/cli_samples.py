@@ -147,7 +147,7 @@ def add_sample_commands(sub: Any) -> None:
         "(default: $EDGELOOP_SHARE_GROUP, else collectors; '' for a plain subscription)",
     )
     c.add_argument("--client-id", help="fixed, so the broker keeps the session (default: cloud-train-collect-<host>)")
-    c.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], default="5")
+    c.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], default="5", help="MQTT version")
     c.add_argument(
         "--end-session",
         action="store_true",
@@ -168,12 +168,12 @@ def add_sample_commands(sub: Any) -> None:
     which = ls.add_mutually_exclusive_group()
     which.add_argument("--labelled", action="store_true")
     which.add_argument("--unlabelled", action="store_true")
-    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--limit", type=int, default=50, help="most rows shown")
     show = ss.add_parser("show", help="one sample, as JSON")
     show.add_argument("id")
     ex = ss.add_parser("export", help="write samples for labelling (unlabelled ones unless --all)")
     ex.add_argument("--out", type=Path, required=True)
-    ex.add_argument("--format", choices=["csv", "label-studio"], default="csv")
+    ex.add_argument("--format", choices=["csv", "label-studio"], default="csv", help="file format")
     ex.add_argument("--model")
     ex.add_argument("--all", action="store_true", help="labelled ones too")
     im = ss.add_parser("import", help="read labels back: a CSV with id,label columns or a Label Studio JSON export")
@@ -184,7 +184,7 @@ def add_sample_commands(sub: Any) -> None:
     ps = p.add_subparsers(dest="sampling_command", required=True)
     st = ps.add_parser("set", help="publish a sampling policy for a fleet's model, or for one device")
     st.add_argument("--fleet", required=True)
-    st.add_argument("--model", default="intents")
+    st.add_argument("--model", default="intents", help="model name in the fleet")
     st.add_argument("--device", help="only this device (its policy wins over the fleet's)")
     st.add_argument("--low-confidence", type=float, help="keep when the top score is below (default 0.6)")
     st.add_argument("--min-margin", type=float, help="keep when top-1 minus top-2 is below")
@@ -194,6 +194,6 @@ def add_sample_commands(sub: Any) -> None:
     st.add_argument("--per-hour", type=int)
     st.add_argument("--disable", action="store_true", help="stop sampling")
     st.add_argument("--clear", action="store_true", help="remove the retained policy (devices fall back)")
-    st.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], default="5")
+    st.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], default="5", help="MQTT version")
     add_connection_arguments(st)
     p.set_defaults(func=_cmd_sampling)

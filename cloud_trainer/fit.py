@@ -135,3 +135,54 @@ class BestEpoch(TrainerCallback):
         """Load the best epoch's weights into ``model`` (a no-op if no epoch was evaluated)."""
         if self.best_state is not None:
             model.load_state_dict(copy.deepcopy(self.best_state))
+
+
+def linear_probe(
+    model: torch.nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    labels: torch.Tensor,
+    class_weights: list[float] | None,
+    *,
+    l2: float = 1e-3,
+) -> float | None:
+    """Fit the classification head on the frozen encoder's features, before fine-tuning (LP-FT).
+
+    A randomly initialised head sends noise back into a pretrained encoder during the first steps
+    of fine-tuning and distorts its features (Kumar et al., "Fine-Tuning can Distort Pretrained
+    Features", ICLR 2022); starting from the best linear head on the frozen features avoids that.
+    The features are the head's own input (captured by a hook on ``model.classifier``), computed
+    once without gradients; the head is then fitted with L-BFGS on the (class-weighted) loss.
+    Returns the probe's training accuracy, or None when the head is not a single linear layer.
+    """
+    head = getattr(model, "classifier", None)
+    if not isinstance(head, torch.nn.Linear):
+        return None
+    captured: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0].detach()))
+    was_training = model.training
+    model.eval()  # no dropout: the features the encoder gives
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(**batch)
+    finally:
+        hook.remove()
+        model.train(was_training)
+    features = torch.cat(captured)
+    weight = torch.zeros_like(head.weight, requires_grad=True)
+    bias = torch.zeros_like(head.bias, requires_grad=True)
+    class_w = torch.tensor(class_weights, dtype=features.dtype) if class_weights else None
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        logits = features @ weight.T + bias
+        loss = weighted_cross_entropy(logits, labels, class_w) + l2 * weight.pow(2).sum()
+        loss.backward()  # type: ignore[no-untyped-call]
+        return loss
+
+    optimizer.step(closure)  # type: ignore[no-untyped-call]
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+        return float(((features @ weight.T + bias).argmax(-1) == labels).float().mean())

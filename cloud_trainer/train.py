@@ -60,6 +60,8 @@ class TrainConfig:
             bases such as the packaged MiniLM were trained for), or the ``cls`` token through the
             pooler (``AutoModelForSequenceClassification``); ``auto`` picks mean for such bases.
         keep: ``best`` restores the best validation epoch at the end; ``last`` keeps the last one.
+        head_init: ``probe`` fits the classification head on the frozen encoder's features before
+            fine-tuning (LP-FT); ``random`` starts from the usual random head.
         seed: fixes the head's init, the data order and dropout.
         max_steps: stop after this many steps (tests); -1 for no limit.
         freeze_base: train only the classification head; the pretrained encoder stays as it is.
@@ -81,6 +83,7 @@ class TrainConfig:
     group_by_length: bool = True
     pooling: Literal["auto", "mean", "cls"] = "auto"
     keep: Literal["best", "last"] = "best"
+    head_init: Literal["probe", "random"] = "probe"
     seed: int = 42
     max_steps: int = -1
     freeze_base: bool = False
@@ -296,6 +299,8 @@ def train_text_classifier(
         for parameter in model.base_model.parameters():
             parameter.requires_grad = False
     collator = DataCollatorWithPadding(tokenizer)
+    if config.head_init == "probe" and config.max_steps <= 0:
+        _probe_head(model, train_set, collator, labels=labels, config=config, tell=tell)
     budget_s = config.max_minutes * 60 if config.max_minutes else None
     if budget_s is not None and config.max_steps <= 0:
         per_epoch = _seconds_per_epoch(model, collator, train_set, config.batch_size)
@@ -333,6 +338,26 @@ def train_text_classifier(
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return TrainResult(checkpoint=checkpoint, labels=labels, metrics=metrics, config=config, preprocessing=pre,
                        history=best.history)  # fmt: skip
+
+
+def _probe_head(
+    model: Any, data: _Encoded, collator: Any, *, labels: list[str], config: TrainConfig, tell: Callable[[str], None]
+) -> None:
+    import torch
+
+    from cloud_trainer.fit import linear_probe
+
+    order = sorted(range(len(data)), key=lambda i: len(data.features[i]["input_ids"]))  # little padding
+    batches = []
+    for start in range(0, len(order), 64):
+        batch = collator([data.features[i] for i in order[start : start + 64]])
+        batches.append({k: v for k, v in batch.items() if k != "labels"})
+    targets = torch.tensor([data.labels[i] for i in order])
+    weights = balanced_class_weights([labels[i] for i in data.labels], labels) if config.class_weights == "balanced" \
+        else None  # fmt: skip
+    accuracy = linear_probe(model, batches, targets, weights)
+    if accuracy is not None:
+        tell(f"  head: fitted on the frozen encoder's features first (linear probe, train accuracy {accuracy:.3f})")
 
 
 def _backend_copy(tokenizer: Any) -> Any:

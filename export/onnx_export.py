@@ -19,9 +19,11 @@ def export_onnx(checkpoint: Path, out_dir: Path, *, opset: int | None = None) ->
     inputs, runs afterwards in :mod:`export.validate`.
     """
     from optimum.exporters.onnx import main_export
+    from transformers.utils import logging as hf_logging
 
     from export.pooling import is_mean_pooling
 
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # no "torch_dtype is deprecated" per export
     out_dir.mkdir(parents=True, exist_ok=True)
     if is_mean_pooling(checkpoint):
         return _export_mean_pooling(checkpoint, out_dir, opset=opset)
@@ -62,6 +64,7 @@ def _export_mean_pooling(checkpoint: Path, out_dir: Path, *, opset: int | None) 
             warnings.simplefilter("ignore")
             export(model, config, model_file, opset=opset or config.DEFAULT_ONNX_OPSET)
         shutil.copyfile(checkpoint / "tokenizer.json", out_dir / "tokenizer.json")
+        model.config.save_pretrained(str(out_dir))  # the quantizer reads it beside the model
     except Exception as exc:
         raise OnnxExportFailed(f"optimum could not export {checkpoint}: {exc}") from exc
     return model_file

@@ -98,6 +98,17 @@ def test_push_and_serve_the_fine_tuned_model(
         assert 0 < prediction["score"] <= 1
         assert abs(sum(prediction["scores"].values()) - 1) < 1e-4
 
+    # `cloud-train evaluate` on the registered int8 version answers what the serving agent answers
+    from cloud_trainer.evaluate import open_source
+
+    data = load_labelled(PACKAGED_DATASET)
+    texts = [*data.texts[::6], "turn " * 300 + "the lights on"]  # 61 texts, one cut to its first 32 tokens
+    status, body = agent.predict(texts)
+    assert status == 200
+    served = [p["label"] for p in body["predictions"]]
+    evaluated = open_source("intents:1", registry_root=info["registry"]).predict(texts)  # type: ignore[arg-type]
+    assert evaluated == served
+
 
 def test_demo_command_runs_end_to_end_twice(tmp_path: Path) -> None:
     command = [

@@ -50,3 +50,39 @@ def test_accuracy_gate_fails_on_purpose_with_both_numbers(tmp_path: Path) -> Non
     assert message.count("%") >= 2
     assert "the gate allows -5.00" in message
     assert not (tmp_path / "bundle").exists()  # nothing that failed a gate is left behind
+
+
+def test_the_kept_model_is_the_best_epoch_and_test_data_is_scored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Through the real Trainer and the CLI: the saved model is the best validation epoch (not the
+    last), one line per epoch, and ``--test-data`` is scored at the end by the evaluate code."""
+    import json
+
+    from cloud_trainer.cli import main
+
+    data = load_labelled(PACKAGED_DATASET)
+    test_file = tmp_path / "test.csv"
+    test_file.write_text("text,label\n" + "\n".join(f'"{t}",{lab}' for t, lab in zip(data.texts[:40], data.labels[:40],
+                                                                                    strict=True)))  # fmt: skip
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(PACKAGED_DATASET), "--out", str(out), "--epochs", "3", "--patience", "0",
+                 "--learning-rate", "3e-4", "--test-data", str(test_file)])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "majority baseline" in printed
+    assert "mean pooling: the base is a sentence-transformer" in printed
+    assert sum(line.startswith("epoch ") for line in printed.splitlines()) == 3
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = metrics["history"]
+    best = max(range(len(history)), key=lambda i: history[i]["macro_f1"])
+    assert metrics["best_epoch"] == best + 1
+    # the final evaluation of the saved weights reproduces the best epoch's numbers, whichever epoch it was
+    assert metrics["macro_f1"] == pytest.approx(history[best]["macro_f1"])
+    assert metrics["accuracy"] == pytest.approx(history[best]["accuracy"])
+    report = json.loads((out / "test_metrics.json").read_text())
+    assert report["examples"] == 40
+    assert "test split (40 examples" in printed
+    run = json.loads((out / "run.json").read_text())
+    assert run["preprocessing"]["max_length"] == 32  # chosen from the data: short commands
+    assert run["hyperparameters"]["pooling"] == "mean"
