@@ -22,7 +22,7 @@ DEFAULT_BROKER = "127.0.0.1:1883"
 HYPERPARAMETERS = (
     "base_model", "epochs", "batch_size", "learning_rate", "weight_decay", "warmup_ratio",
     "max_length", "truncation", "class_weights", "select_metric", "patience", "max_minutes", "group_by_length",
-    "pooling", "keep",
+    "pooling", "keep", "head_learning_rate", "head_init",
     "seed", "max_steps", "freeze_base",
 )  # fmt: skip
 
@@ -251,6 +251,11 @@ def _add_train(sub: Any) -> None:
                    help="classify the mean of the token states or the [CLS] token (default auto: mean for "
                         "sentence-transformer bases such as the packaged MiniLM)")  # fmt: skip
     p.add_argument("--keep", choices=["best", "last"], help="which epoch's model to save (default best)")
+    p.add_argument("--head-learning-rate", type=float,
+                   help="peak rate of the head (default: 10x --learning-rate; the same if frozen)")  # fmt: skip
+    p.add_argument("--head-init", choices=["auto", "probe", "random"],
+                   help="fit the head on frozen features first (probe) or start it at random "
+                        "(default auto: probe with --freeze-base, else random)")  # fmt: skip
     p.add_argument("--max-steps", type=int, help="stop after N steps (default: no limit)")
     p.add_argument("--seed", type=int, help="default 42; the same seed reproduces the model")
     p.add_argument("--freeze-base", action="store_true", default=None, help="train only the classification head")

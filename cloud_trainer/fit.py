@@ -19,12 +19,41 @@ SELECT_METRICS = ("macro_f1", "accuracy", "loss")
 
 
 class WeightedLossTrainer(Trainer):
-    """A Trainer whose cross-entropy weights each class (``class_weights``, in label-id order)."""
+    """A Trainer whose cross-entropy weights each class (``class_weights``, in label-id order), and
+    whose classification head (parameters named ``classifier.*``) learns at ``head_learning_rate``.
 
-    def __init__(self, *args: Any, class_weights: list[float] | None = None, **kwargs: Any) -> None:
+    A fresh head next to a pretrained encoder needs a larger step than the encoder: at the
+    encoder's rate it stays near its random start for epochs while the encoder bends its features
+    to fit it. Both groups follow the same warm-up and decay.
+    """
+
+    def __init__(
+        self, *args: Any, class_weights: list[float] | None = None, head_learning_rate: float | None = None,
+        **kwargs: Any,
+    ) -> None:  # fmt: skip
+        self.head_learning_rate = head_learning_rate
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False  # the loss below is a plain (weighted) mean per batch
         self.class_weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+
+    def create_optimizer(self) -> Any:
+        model = self.model
+        if self.optimizer is None and self.head_learning_rate is not None and model is not None:
+            decay = set(self.get_decay_parameter_names(model))
+            groups = []
+            for head, rate in ((False, self.args.learning_rate), (True, self.head_learning_rate)):
+                for decayed in (True, False):
+                    params = [
+                        p for n, p in model.named_parameters()
+                        if p.requires_grad and n.startswith("classifier.") == head and (n in decay) == decayed
+                    ]  # fmt: skip
+                    if params:
+                        groups.append({"params": params, "lr": rate,
+                                       "weight_decay": self.args.weight_decay if decayed else 0.0})  # fmt: skip
+            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)  # type: ignore[arg-type]
+            kwargs.pop("lr", None)
+            self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **kwargs)
+        return super().create_optimizer()  # type: ignore[no-untyped-call]
 
     def compute_loss(
         self,

@@ -28,6 +28,7 @@ PERCENTILE = 95.0
 TRUNCATED_SHARE_FOR_HEAD_TAIL = 0.01
 IMBALANCE_RATIO = 1.5
 
+HEAD_RATE_FACTOR = 10
 FULL_FINE_TUNE = {"learning_rate": 1e-4, "epochs": 8.0, "warmup_ratio": 0.1}
 FROZEN_BASE = {"learning_rate": 2e-3, "epochs": 30.0, "warmup_ratio": 0.0}
 

@@ -18,6 +18,7 @@ from cloud_trainer.metrics import classification_metrics
 from cloud_trainer.plan import (
     FROZEN_BASE,
     FULL_FINE_TUNE,
+    HEAD_RATE_FACTOR,
     DataSummary,
     LengthChoice,
     balanced_class_weights,
@@ -60,8 +61,11 @@ class TrainConfig:
             bases such as the packaged MiniLM were trained for), or the ``cls`` token through the
             pooler (``AutoModelForSequenceClassification``); ``auto`` picks mean for such bases.
         keep: ``best`` restores the best validation epoch at the end; ``last`` keeps the last one.
+        head_learning_rate: the classification head's peak rate; auto: 10x the learning rate for a
+            full fine-tune (a fresh head needs larger steps than a pretrained encoder), the same frozen.
         head_init: ``probe`` fits the classification head on the frozen encoder's features before
-            fine-tuning (LP-FT); ``random`` starts from the usual random head.
+            training (LP-FT); ``random`` starts from the usual random head; ``auto``: probe with
+            ``--freeze-base`` (the probe is then most of the training), random otherwise.
         seed: fixes the head's init, the data order and dropout.
         max_steps: stop after this many steps (tests); -1 for no limit.
         freeze_base: train only the classification head; the pretrained encoder stays as it is.
@@ -83,7 +87,8 @@ class TrainConfig:
     group_by_length: bool = True
     pooling: Literal["auto", "mean", "cls"] = "auto"
     keep: Literal["best", "last"] = "best"
-    head_init: Literal["probe", "random"] = "probe"
+    head_learning_rate: float | None = None
+    head_init: Literal["auto", "probe", "random"] = "auto"
     seed: int = 42
     max_steps: int = -1
     freeze_base: bool = False
@@ -230,6 +235,16 @@ def resolve_config(config: TrainConfig, train: LabelledTexts, lengths: list[int]
         values[name] = preset[name] if given is None else given
         why = f"default for a {preset_name}" if given is None else "set by flag or config"
         lines.append(f"{name.replace('_', ' ')} {values[name]:g}: {why}")
+    if config.head_learning_rate is None:
+        factor = 1 if config.freeze_base else HEAD_RATE_FACTOR
+        values["head_learning_rate"] = values["learning_rate"] * factor
+        lines.append(f"head learning rate {values['head_learning_rate']:g}: "
+                     + ("the head is all that trains" if factor == 1 else
+                        f"{factor}x the encoder's, a fresh head next to a pretrained encoder"))  # fmt: skip
+    else:
+        lines.append(f"head learning rate {config.head_learning_rate:g}: set by flag or config")
+    if config.head_init == "auto":
+        values["head_init"] = "probe" if config.freeze_base else "random"
     weights = config.class_weights
     if weights == "auto":
         weights = "balanced" if is_imbalanced(train.labels) else "none"
@@ -299,7 +314,7 @@ def train_text_classifier(
         for parameter in model.base_model.parameters():
             parameter.requires_grad = False
     collator = DataCollatorWithPadding(tokenizer)
-    if config.head_init == "probe" and config.max_steps <= 0:
+    if config.head_init == "probe" and config.max_steps <= 0:  # auto is resolved by resolve_config
         _probe_head(model, train_set, collator, labels=labels, config=config, tell=tell)
     budget_s = config.max_minutes * 60 if config.max_minutes else None
     if budget_s is not None and config.max_steps <= 0:
@@ -446,6 +461,7 @@ def _trainer(
         compute_metrics=compute_metrics,
         callbacks=[best],
         class_weights=weights,
+        head_learning_rate=config.head_learning_rate,
     )
     trainer.remove_callback(PrinterCallback)  # type: ignore[no-untyped-call]
     return trainer, best

@@ -69,8 +69,11 @@ AutoModelForSequenceClassification.register(BertMeanPoolingConfig, BertMeanPooli
 
 
 def base_pools_mean(base_model: str) -> bool:
-    """Whether ``base_model`` (a local directory) is a BERT sentence-transformer trained with mean pooling."""
+    """Whether ``base_model`` (a local directory) is a BERT sentence-transformer trained with mean pooling,
+    or a checkpoint of this classifier."""
     directory = Path(base_model).expanduser()
+    if is_mean_pooling(directory):  # a checkpoint of ours, e.g. the previous version's run
+        return True
     try:
         pooling = json.loads((directory / "1_Pooling" / "config.json").read_text())
         model_type = json.loads((directory / "config.json").read_text()).get("model_type")

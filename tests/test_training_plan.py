@@ -185,3 +185,25 @@ def test_the_linear_probe_fits_the_head_on_frozen_features() -> None:
     model.eval()
     assert (model(x).argmax(-1) == labels).all()
     assert linear_probe(torch.nn.Sequential(torch.nn.Linear(2, 2)), [], labels, None) is None
+
+
+def test_the_head_learns_at_its_own_rate(tmp_path: Path) -> None:
+    from transformers import TrainingArguments
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = torch.nn.Linear(4, 8)
+            self.classifier = torch.nn.Linear(8, 3)
+
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-4, weight_decay=0.01, report_to=[])
+    trainer = WeightedLossTrainer(model=Tiny(), args=args, head_learning_rate=1e-3)
+    optimizer = trainer.create_optimizer()
+    rates = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    model = trainer.model
+    assert model is not None
+    for name, parameter in model.named_parameters():
+        assert rates[id(parameter)] == (1e-3 if name.startswith("classifier.") else 1e-4), name
+    decays = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    assert decays[id(model.classifier.bias)] == 0.0  # type: ignore[union-attr]
+    assert decays[id(model.classifier.weight)] == 0.01  # type: ignore[union-attr]
