@@ -94,7 +94,9 @@ def main() -> None:
             gate = "pass"
         except AccuracyGateFailed as exc:
             gate = f"FAIL ({exc})"
-            exported = export_run(run, out, model="intents", version=1, max_accuracy_drop=100.0, max_f1_drop=1.0, **options)
+            exported = export_run(
+                run, out, model="intents", version=1, max_accuracy_drop=100.0, max_f1_drop=1.0, **options
+            )
         classifier = TextClassifier(bundle_dir=out, manifest=exported.manifest, providers=["CPUExecutionProvider"],
                                     intra_op_threads=args.threads)  # fmt: skip
         predicted = [p.label for p in classifier.predict(val.texts)]

@@ -337,13 +337,13 @@ def train_text_classifier(
         if best.history:
             tell(f"kept epoch {best.best_epoch} (best validation {config.select_metric} {best.best_value:.4f})")
 
-    metrics, predicted = _validation_metrics(trainer, val_set, labels)
+    metrics, warnings = _validation_metrics(trainer, val_set, labels)
     metrics.update(
         train_examples=len(train), val_examples=len(val), majority_baseline=summary.baseline,
         best_epoch=best.best_epoch if config.keep == "best" else len(best.history), epochs_run=len(best.history),
         training_minutes=round(minutes, 2), history=best.history,
     )  # fmt: skip
-    for warning in quality_warnings(metrics, summary.baseline, labels, predicted):
+    for warning in warnings:
         tell(warning)
 
     checkpoint = out_dir / "checkpoint"
@@ -468,7 +468,11 @@ def _trainer(
 
 
 def _validation_metrics(trainer: Any, val_set: _Encoded, labels: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """The kept model's validation metrics, and ``evaluate``'s warnings (no better than the majority, a class
+    never predicted)."""
     import numpy as np
+
+    from cloud_trainer.evaluate import evaluate_predictions, format_report
 
     prediction = trainer.predict(val_set)  # length-grouped: rows come back in another order, with their labels
     predicted = [labels[i] for i in np.asarray(prediction.predictions).argmax(-1).tolist()]
@@ -476,20 +480,6 @@ def _validation_metrics(trainer: Any, val_set: _Encoded, labels: list[str]) -> t
     metrics = classification_metrics(predicted, truth, labels=labels)
     metrics["split"] = "validation"
     metrics["examples"] = len(val_set)
-    return metrics, predicted
-
-
-def quality_warnings(
-    metrics: dict[str, Any], baseline: dict[str, Any], labels: list[str], predicted: list[str]
-) -> list[str]:
-    """Loud lines when a model is no better than always answering the majority class, or ignores a class."""
-    warnings = []
-    if metrics["accuracy"] <= baseline["accuracy"] and metrics["macro_f1"] <= baseline["macro_f1"] + 0.05:
-        warnings.append(
-            f"WARNING: the model does not beat the majority baseline (always {baseline['label']!r}: accuracy "
-            f"{baseline['accuracy']:.3f}); it has learned little. More data, more epochs or --class-weights balanced?"
-        )
-    never = [label for label in labels if label not in set(predicted)]
-    if never:
-        warnings.append(f"WARNING: the model never predicts {', '.join(never)} on the validation split")
-    return warnings
+    report = evaluate_predictions(predicted, truth, labels=labels, seconds=0.0)
+    warnings = [line for line in format_report(report).splitlines() if line.startswith("WARNING:")]
+    return metrics, [line.replace("the test data", "the validation split") for line in warnings]
