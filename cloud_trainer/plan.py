@@ -8,9 +8,10 @@ unit-tested on plain token lengths.
   cost of attention grows with the square of the length, and 2 CPU cores must train in minutes).
 - **truncation**: when more than 1 % of the texts are cut, head+tail (the first quarter of the
   budget from the start, the rest from the end): for reviews and tickets the verdict is at the end.
-- **learning rate, epochs, warm-up**: a full fine-tune of a small encoder (MiniLM) learns best at
-  1e-4 with 10 % warm-up over 8 epochs (early stopping keeps the best one); a frozen base trains
-  only the head, which needs a larger rate (2e-3), more epochs (30) and no warm-up.
+- **learning rate, epochs, warm-up**: a full fine-tune of a small encoder (MiniLM) at 1e-4 with
+  10 % warm-up over at most 8 epochs (early stopping keeps the best one), the fresh head at 10x
+  that rate; a frozen base trains only the head, which needs a larger rate (2e-3), more epochs
+  (30) and no warm-up, and starts from a linear probe.
 - **class weights**: "balanced" (n / (k · count)) whenever the largest class is more than 1.5 times
   the smallest; the loss then counts a minority example as much as a majority one.
 """
