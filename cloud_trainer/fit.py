@@ -117,8 +117,7 @@ class BestEpoch(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         if self.budget_s is not None and time.monotonic() - self._started > self.budget_s:
-            control.should_training_stop = True
-            control.should_evaluate = True  # the last, partial epoch is still judged
+            control.should_training_stop = True  # the Trainer still ends the epoch, and so evaluates it
             self.stop_reason = f"the --max-minutes budget ran out in epoch {math.ceil(state.epoch or 0)}"
 
     def on_evaluate(

@@ -308,13 +308,13 @@ class Updater:
 
         previous = self._store.active_version()
         self._store.activate(version)
+        self._on_activated(version)  # before the swap: every request the new version serves is watched
         self._holder.swap(model)
         self._state["previous_version"] = previous
         self._remember_sequence(topic, release)
         self._store.prune(self._config.update.keep_versions, protect={v for v in (version, previous) if v})
         self._store.drop_chunks(self._chunks_of_installed())
         self._set_update(StateChange("active", version, bytes_transferred=transferred, active=version))
-        self._on_activated(version)
         log.info("version %s active (was %s); %s bytes transferred", version, previous, transferred)
 
     def _download(self, release: Release) -> tuple[Manifest, bytes, int]:

@@ -86,3 +86,19 @@ def test_the_kept_model_is_the_best_epoch_and_test_data_is_scored(
     run = json.loads((out / "run.json").read_text())
     assert run["preprocessing"]["max_length"] == 32  # chosen from the data: short commands
     assert run["hyperparameters"]["pooling"] == "mean"
+
+
+def test_max_minutes_fits_the_epochs_to_the_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A budget far below three epochs: the plan lowers the epochs before training (so the schedule
+    ends inside it), and training stops at the budget even if the estimate was optimistic."""
+    import json
+
+    from cloud_trainer.cli import main
+
+    code = main(["train", "--data", str(PACKAGED_DATASET), "--out", str(tmp_path / "run"), "--epochs", "3",
+                 "--max-minutes", "0.05"])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "epochs 1: about" in printed and "--max-minutes 0.05" in printed
+    assert sum(line.startswith("epoch ") for line in printed.splitlines()) == 1
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["hyperparameters"]["epochs"] == 1
