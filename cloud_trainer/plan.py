@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cloud_trainer.metrics import classification_metrics
+
 SPEED_BUDGET_TOKENS = 256
 PERCENTILE = 95.0
 TRUNCATED_SHARE_FOR_HEAD_TAIL = 0.01
@@ -93,12 +95,9 @@ def is_imbalanced(labels: Sequence[str]) -> bool:
 def majority_baseline(train_labels: Sequence[str], eval_labels: Sequence[str]) -> dict[str, Any]:
     """Accuracy and macro-F1 of always answering the training split's most common label."""
     label = Counter(train_labels).most_common(1)[0][0]
-    hits = sum(t == label for t in eval_labels)
-    accuracy = hits / len(eval_labels)
     names = sorted(set(train_labels) | set(eval_labels))
-    precision = accuracy  # every prediction is `label`
-    f1 = 2 * precision * 1.0 / (precision + 1.0) if hits else 0.0
-    return {"label": label, "accuracy": accuracy, "macro_f1": f1 / len(names)}
+    scores = classification_metrics([label] * len(eval_labels), list(eval_labels), labels=names)
+    return {"label": label, "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
 
 
 @dataclass

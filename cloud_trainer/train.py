@@ -138,11 +138,10 @@ class TrainResult:
     metrics: dict[str, Any]
     config: TrainConfig
     preprocessing: TextPreprocessing
-    history: list[dict[str, float]] = field(default_factory=list)
 
 
 class _Encoded:
-    """A torch-style map dataset over tokenized texts; ``lengths`` feed length-grouped batching."""
+    """A torch-style map dataset over tokenized texts (the Trainer groups batches by ``input_ids`` length)."""
 
     def __init__(self, features: list[dict[str, list[int]]], labels: list[int]) -> None:
         self.features = features
@@ -223,8 +222,8 @@ def resolve_config(config: TrainConfig, train: LabelledTexts, lengths: list[int]
     ]
     if choice.truncation == "head+tail":
         lines.append(
-            f"truncation head+tail: a long text keeps its first {choice.head_tokens} and last "
-            f"{choice.max_length - choice.head_tokens} tokens (its start and its conclusion)"
+            f"truncation head+tail: a long text keeps its first {choice.head_tokens} tokens and fills the rest "
+            f"of the {choice.max_length} from its end (its start and its conclusion)"
             + ("" if config.truncation != "auto" else "; chosen because over 1% of texts are cut")
         )
     else:
@@ -314,8 +313,9 @@ def train_text_classifier(
         for parameter in model.base_model.parameters():
             parameter.requires_grad = False
     collator = DataCollatorWithPadding(tokenizer)
+    weights = balanced_class_weights(train.labels, labels) if config.class_weights == "balanced" else None
     if config.head_init == "probe" and config.max_steps <= 0:  # auto is resolved by resolve_config
-        _probe_head(model, train_set, collator, labels=labels, config=config, tell=tell)
+        _probe_head(model, train_set, collator, weights=weights, tell=tell)
     budget_s = config.max_minutes * 60 if config.max_minutes else None
     if budget_s is not None and config.max_steps <= 0:
         per_epoch = _seconds_per_epoch(model, collator, train_set, config.batch_size)
@@ -325,7 +325,15 @@ def train_text_classifier(
             config = replace(config, epochs=float(fits))
     set_seed(config.seed)
     trainer, best = _trainer(
-        config, out_dir, model, (train_set, val_set), collator=collator, labels=labels, budget_s=budget_s, tell=tell
+        config,
+        out_dir,
+        model,
+        (train_set, val_set),
+        collator=collator,
+        labels=labels,
+        weights=weights,
+        budget_s=budget_s,
+        tell=tell,
     )
     started = time.monotonic()
     trainer.train()
@@ -351,12 +359,11 @@ def train_text_classifier(
     tokenizer.save_pretrained(str(checkpoint))
     (checkpoint / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return TrainResult(checkpoint=checkpoint, labels=labels, metrics=metrics, config=config, preprocessing=pre,
-                       history=best.history)  # fmt: skip
+    return TrainResult(checkpoint=checkpoint, labels=labels, metrics=metrics, config=config, preprocessing=pre)
 
 
 def _probe_head(
-    model: Any, data: _Encoded, collator: Any, *, labels: list[str], config: TrainConfig, tell: Callable[[str], None]
+    model: Any, data: _Encoded, collator: Any, *, weights: list[float] | None, tell: Callable[[str], None]
 ) -> None:
     import torch
 
@@ -368,8 +375,6 @@ def _probe_head(
         batch = collator([data.features[i] for i in order[start : start + 64]])
         batches.append({k: v for k, v in batch.items() if k != "labels"})
     targets = torch.tensor([data.labels[i] for i in order])
-    weights = balanced_class_weights([labels[i] for i in data.labels], labels) if config.class_weights == "balanced" \
-        else None  # fmt: skip
     accuracy = linear_probe(model, batches, targets, weights)
     if accuracy is not None:
         tell(f"  head: fitted on the frozen encoder's features first (linear probe, train accuracy {accuracy:.3f})")
@@ -414,7 +419,7 @@ def _encode(encoder: TextEncoder, data: LabelledTexts, labels: list[str]) -> _En
 
 def _trainer(
     config: TrainConfig, out_dir: Path, model: Any, splits: tuple[_Encoded, _Encoded], *, collator: Any,
-    labels: list[str], budget_s: float | None, tell: Callable[[str], None],
+    labels: list[str], weights: list[float] | None, budget_s: float | None, tell: Callable[[str], None],
 ) -> tuple[Any, Any]:  # fmt: skip
     import numpy as np
     from transformers import PrinterCallback, TrainingArguments
@@ -449,9 +454,6 @@ def _trainer(
         dataloader_pin_memory=False,
     )
     best = BestEpoch(metric=config.select_metric, patience=config.patience, budget_s=budget_s, say=tell)
-    weights = balanced_class_weights(
-        [labels[i] for i in splits[0].labels], labels
-    ) if config.class_weights == "balanced" else None  # fmt: skip
     trainer = WeightedLossTrainer(
         model=model,
         args=args,
@@ -477,9 +479,9 @@ def _validation_metrics(trainer: Any, val_set: _Encoded, labels: list[str]) -> t
     prediction = trainer.predict(val_set)  # length-grouped: rows come back in another order, with their labels
     predicted = [labels[i] for i in np.asarray(prediction.predictions).argmax(-1).tolist()]
     truth = [labels[i] for i in np.asarray(prediction.label_ids).tolist()]
-    metrics = classification_metrics(predicted, truth, labels=labels)
+    report = evaluate_predictions(predicted, truth, labels=labels, seconds=0.0)
+    metrics = {key: report[key] for key in ("accuracy", "macro_f1", "per_class", "confusion_matrix")}
     metrics["split"] = "validation"
     metrics["examples"] = len(val_set)
-    report = evaluate_predictions(predicted, truth, labels=labels, seconds=0.0)
     warnings = [line for line in format_report(report).splitlines() if line.startswith("WARNING:")]
     return metrics, [line.replace("the test data", "the validation split") for line in warnings]

@@ -123,14 +123,12 @@ def export_text_classifier(req: ExportRequest) -> ExportResult:
     reference = torch_logits(req.checkpoint, req.val_texts, encoder=fp32.encoder)
     parity = check_parity(reference, fp32, req.val_texts, atol=req.parity_atol)
     fp32_pred = _predicted(fp32, req.val_texts)
-    fp32_accuracy = _accuracy(fp32_pred, req.val_labels)
     log.info("ONNX fp32 matches PyTorch: max |diff| %.2e on %d texts", parity.max_abs_diff, parity.samples)
     report: dict[str, Any] = {
         "split": SPLIT,
         "examples": len(req.val_texts),
         "parity_max_abs_diff": parity.max_abs_diff,
         "parity_samples": parity.samples,
-        "onnx_fp32_accuracy": fp32_accuracy,
         "onnx_fp32_bytes": fp32_model.stat().st_size,
     }
 
@@ -142,10 +140,8 @@ def export_text_classifier(req: ExportRequest) -> ExportResult:
     )
     candidate = TextClassifier(bundle_dir=req.out_dir, manifest=staged, providers=["CPUExecutionProvider"])
     bundle_pred = _predicted(candidate, req.val_texts)
-    bundle_accuracy = _accuracy(bundle_pred, req.val_labels)
     report["quantization"] = req.quantization
     report["target"] = req.target if req.quantization == "dynamic-int8" else None
-    report["bundle_model_accuracy"] = bundle_accuracy
     report["bundle_model_bytes"] = shipped.stat().st_size
     try:  # "none" ships the fused fp32 graph: judged and recorded, not enforced
         gate = judge_quantization(
@@ -156,6 +152,9 @@ def export_text_classifier(req: ExportRequest) -> ExportResult:
     except ExportError:  # AccuracyGateFailed, or ValidationFailed for labels that do not line up
         shutil.rmtree(req.out_dir, ignore_errors=True)  # no bundle that failed a gate is left to push
         raise
+    bundle_accuracy = gate.accuracy_candidate
+    report["onnx_fp32_accuracy"] = gate.accuracy_reference
+    report["bundle_model_accuracy"] = bundle_accuracy
     report["onnx_fp32_macro_f1"] = gate.macro_f1_reference
     report["bundle_model_macro_f1"] = gate.macro_f1_candidate
     report["gate"] = {**gate.to_dict(), "enforced": req.quantization != "none"}
@@ -178,7 +177,3 @@ def _predicted(classifier: TextClassifier, texts: list[str], batch_size: int = 3
     if not texts:
         raise ValidationFailed(f"no {SPLIT} examples to measure accuracy on")
     return [p.label for i in range(0, len(texts), batch_size) for p in classifier.predict(texts[i : i + batch_size])]
-
-
-def _accuracy(predicted: list[str], truth: list[str]) -> float:
-    return sum(p == t for p, t in zip(predicted, truth, strict=True)) / len(truth)

@@ -64,13 +64,6 @@ def check_parity(
     return ParityReport(max_abs_diff=diff, argmax_agreement=agreement, samples=len(texts))
 
 
-def accuracy(classifier: TextClassifier, texts: list[str], labels: list[str]) -> float:
-    if not texts:
-        raise ValidationFailed("no validation examples to measure accuracy on")
-    predicted = [p.label for i in range(0, len(texts), 32) for p in classifier.predict(texts[i : i + 32])]
-    return sum(p == t for p, t in zip(predicted, labels, strict=True)) / len(texts)
-
-
 def check_accuracy_drop(
     fp32_accuracy: float, quantized_accuracy: float, *, max_drop_points: float, variant: str = "int8"
 ) -> None:
