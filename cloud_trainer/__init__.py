@@ -5,6 +5,7 @@
 - :mod:`cloud_trainer.runs`        a training run on disk, and its export to a bundle
 - :mod:`cloud_trainer.signing`     ed25519 release keys and sequence numbers
 - :mod:`cloud_trainer.publish`     pushing bundles and signed releases over MQTT
+- :mod:`cloud_trainer.chunk_gc`    clearing retained chunks no current release needs
 - :mod:`cloud_trainer.localbroker` a broker on localhost for the demo and tests
 - :mod:`cloud_trainer.demo`        the whole loop on one machine
 - :mod:`cloud_trainer.cli`         the ``cloud-train`` command

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cloud_trainer.cli_chunks import add_chunk_commands
 from cloud_trainer.cli_deploy import add_connection_arguments, add_deploy_commands, connection_from_args
 from cloud_trainer.cli_evaluate import add_evaluate_command
 from cloud_trainer.cli_samples import add_sample_commands
@@ -156,7 +157,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
     result = push_bundle(
         entry.bundle_dir, host=conn.host, port=conn.port, fleet=args.fleet, key_path=args.key, target=target,
         protocol=args.mqtt_protocol, canary_percent=args.canary, artifact_url=args.artifact_url,
-        security=conn.security, topic_root=conn.topic_root,
+        security=conn.security, topic_root=conn.topic_root, gc=args.gc,
     )  # fmt: skip
     r = result.release
     canary = f", canary {r.canary_percent:g}%" if r.canary_percent else ""
@@ -164,6 +165,8 @@ def _cmd_push(args: argparse.Namespace) -> int:
         f"pushed {r.model} v{r.version} (sequence {r.sequence}{canary}) to {result.topic}: "
         f"{result.chunks} chunks, {result.bytes} bytes"
     )
+    if result.chunks_cleared:
+        print(f"cleared {result.chunks_cleared} chunks of the release it replaced that no current release needs")
     return 0
 
 
@@ -301,6 +304,9 @@ def _add_push(sub: Any) -> None:
     add_connection_arguments(p)  # --broker, --mqtt-config (TLS and the cloud identity)
     p.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], default="5", help="MQTT version")
     p.add_argument("--registry", type=Path, help="registry directory")
+    p.add_argument("--no-gc", dest="gc", action="store_false",
+                   help="keep the chunks of the release this push replaces (by default those no current "
+                        "release needs are cleared)")  # fmt: skip
     p.set_defaults(func=_cmd_push)
 
 
@@ -367,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (
         _add_train, _add_export, _add_push, _add_models, _add_misc, add_deploy_commands, add_sample_commands,
-        add_evaluate_command,
+        add_evaluate_command, add_chunk_commands,
     ):  # fmt: skip
         add(sub)
     return parser

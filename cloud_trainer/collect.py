@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -30,7 +27,7 @@ from edge_agent.mqtt_security import MqttSecurity
 from edge_agent.protocol import ProtocolError, Topics
 from edge_agent.protocol.samples import SampleBatch
 from edge_agent.protocol.topics import DEFAULT_ROOT
-from edge_agent.transport import protocol_version
+from edge_agent.transport import MqttTransport, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -90,38 +87,27 @@ class Collector:
         self.stats = CollectorStats()
         self._on_batch = on_batch
         self._protocol = protocol
-        self._subscribed = threading.Event()
-        self._refused: str | None = None
-        self._client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
+        self._transport = MqttTransport(
+            host=host,
+            port=port,
             client_id=client_id or default_client_id(),
-            protocol=protocol_version(protocol),
-            clean_session=False if protocol == "3.1.1" else None,
+            protocol=protocol,
+            security=security,
+            persistent_session=True,
+            session_expiry_s=SESSION_EXPIRY_S,
             manual_ack=True,
         )
-        if security is not None:
-            security.apply(self._client)
-        self._client.reconnect_delay_set(min_delay=1, max_delay=30)
-        self._client.on_connect = self._on_connect
-        self._client.on_subscribe = self._on_subscribe
-        self._client.on_message = self._on_message
 
     def start(self, *, wait_s: float = 10.0) -> None:
         """Connect and subscribe; raise :class:`BrokerError` if that does not happen within ``wait_s``."""
-        kwargs: dict[str, Any] = {}
-        if self._protocol == "5":
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = SESSION_EXPIRY_S
-            kwargs = {"clean_start": False, "properties": props}
         try:
-            self._client.connect(self.host, self.port, keepalive=30, **kwargs)
-        except OSError as exc:
-            raise BrokerError(f"cannot reach MQTT broker {self.host}:{self.port}: {exc.strerror or exc}") from None
-        self._client.loop_start()
-        if not self._subscribed.wait(wait_s) or self._refused:
-            self._client.loop_stop()
-            why = self._refused or f"no subscription within {wait_s:g}s"
-            raise BrokerError(f"MQTT broker {self.host}:{self.port}: cannot collect samples: {why}")
+            self._transport.connect(timeout_s=wait_s)
+            # Renewed after every reconnect by the transport; the session may be new.
+            self._transport.subscribe_messages(self.topic, self._on_message)
+            self._transport.wait_subscribed(self.topic, timeout_s=wait_s)
+        except TransportError as exc:
+            self._transport.stop()
+            raise BrokerError(f"MQTT broker {self.host}:{self.port}: cannot collect samples: {exc}") from None
         log.info("collecting %s into %s", self.topic, self.store.root)
 
     def stop(self, *, end_session: bool = False) -> None:
@@ -132,8 +118,7 @@ class Collector:
         if end_session and self._protocol == "5":
             props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = 0
-        self._client.disconnect(properties=props)
-        self._client.loop_stop()
+        self._transport.stop(properties=props)
 
     def __enter__(self) -> Collector:
         self.start()
@@ -142,28 +127,15 @@ class Collector:
     def __exit__(self, *_exc: object) -> None:
         self.stop()
 
-    # -- paho callbacks (network thread) ---------------------------------------------------------
-    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-        if getattr(reason, "is_failure", False):
-            self._refused = str(reason)
-            self._subscribed.set()
-            return
-        client.subscribe(self.topic, qos=1)  # again after every reconnect; the session may be new
-
-    def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, reasons: list[Any], _p: Any) -> None:
-        failed = [str(r) for r in reasons if getattr(r, "is_failure", False)]
-        if failed:
-            self._refused = f"subscription to {self.topic} refused: {', '.join(failed)}"
-        self._subscribed.set()
-
-    def _on_message(self, client: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+    # -- the transport's network thread -------------------------------------------------------------
+    def _on_message(self, message: mqtt.MQTTMessage) -> None:
         try:
             stored = self._store(message)
         except Exception as exc:  # not acknowledged: the broker delivers it again
             self.stats.errors.append(f"{message.topic}: cannot store: {exc}")
             log.exception("cannot store a batch from %s; it stays unacknowledged", message.topic)
             return
-        client.ack(message.mid, message.qos)
+        self._transport.ack(message)
         if stored and self._on_batch is not None:
             self._on_batch(self.stats)
 

@@ -68,6 +68,7 @@ def acl_entries(*, user: str, fleet: str, group: str | None, root: str = DEFAULT
     own = f"{topics.base}/devices/{check_segment('device', user)}"  # for the wildcard lines
     lines = [
         f"topic write {topics.device_state(user)}",
+        f"topic write {topics.device_availability(user)}",
         f"topic write {topics.device_telemetry(user)}",
         f"topic write {topics.device_samples(user)}",
         f"topic write {topics.device_replies(user)}/#",
@@ -85,10 +86,10 @@ def acl_entries(*, user: str, fleet: str, group: str | None, root: str = DEFAULT
 
 def service_acl_entries(identity: str, *, root: str = DEFAULT_ROOT) -> list[str]:
     """The cloud publishes releases, chunks, sampling policy and inference requests and reads
-    everything; the collector only reads samples, state and telemetry (shared subscriptions)."""
+    everything; the collector only reads samples, state, availability and telemetry (shared subscriptions)."""
     if identity == CLOUD_IDENTITY:
         return [f"topic readwrite {root}/#"]
-    return [f"topic read {root}/+/devices/+/{kind}" for kind in ("samples", "state", "telemetry")]
+    return [f"topic read {root}/+/devices/+/{kind}" for kind in ("samples", "state", "availability", "telemetry")]
 
 
 @dataclass(frozen=True)

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import logging
-import ssl
-import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud_trainer.errors import BrokerError, BundleError
 from cloud_trainer.signing import load_private_key, next_sequence, sign_release
@@ -27,7 +24,7 @@ from edge_agent.protocol import (
     sha256_bytes,
     verify_bundle_files,
 )
-from edge_agent.transport import protocol_version
+from edge_agent.transport import MqttTransport, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +35,12 @@ class PushResult:
     topic: str
     chunks: int
     bytes: int
+    chunks_cleared: int = 0
+    """chunks of the release this one replaced that no current release needed, cleared (``gc``)"""
 
 
 class Publisher:
-    """A short-lived MQTT connection for publishing; a context manager.
+    """A short-lived MQTT connection for publishing (the project's :class:`MqttTransport`); a context manager.
 
     Args:
         host: broker host.
@@ -63,64 +62,33 @@ class Publisher:
         security: MqttSecurity | None = None,
     ) -> None:
         self.host, self.port, self.timeout_s = host, port, timeout_s
-        self._client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=protocol_version(protocol),
+        self.transport = MqttTransport(
+            host=host, port=port, client_id=client_id, protocol=protocol, security=security, max_inflight=64
         )
-        self._client.max_inflight_messages_set(64)
-        if security is not None:
-            security.apply(self._client)
-        self._connected = threading.Event()
-        self._refused: str | None = None
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = self._on_disconnect
         self._pending: list[mqtt.MQTTMessageInfo] = []
-
-    def _on_connect(self, _c: mqtt.Client, _u: object, _f: object, reason: object, _p: object) -> None:
-        if getattr(reason, "is_failure", False):
-            self._refused = str(reason)
-        self._connected.set()
-
-    def _on_disconnect(self, _c: mqtt.Client, _u: object, _f: object, reason: object, _p: object) -> None:
-        if not self._connected.is_set():  # closed before CONNACK: a TLS or authentication failure
-            self._refused = f"{reason} before accepting us (credentials missing, wrong or revoked?)"
-            self._connected.set()
 
     def __enter__(self) -> Publisher:
         try:
-            self._client.connect(self.host, self.port, keepalive=30)
-        except ssl.SSLError as exc:
-            raise BrokerError(f"TLS with MQTT broker {self.host}:{self.port} failed: {exc.reason or exc}") from None
-        except OSError as exc:
-            raise BrokerError(f"cannot reach MQTT broker {self.host}:{self.port}: {exc.strerror or exc}") from None
-        self._client.loop_start()
-        if not self._connected.wait(self.timeout_s):
-            self._client.loop_stop()
-            raise BrokerError(f"MQTT broker {self.host}:{self.port} did not answer within {self.timeout_s:g}s")
-        if self._refused:
-            self._client.loop_stop()
-            raise BrokerError(f"MQTT broker {self.host}:{self.port} refused the connection: {self._refused}")
+            self.transport.connect(timeout_s=self.timeout_s)
+        except TransportError as exc:
+            raise BrokerError(str(exc)) from None
         return self
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = True) -> None:
-        info = self._client.publish(topic, payload, qos=1, retain=retain)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            raise BrokerError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        try:
+            info = self.transport.publish(topic, payload, qos=1, retain=retain)
+        except TransportError as exc:
+            raise BrokerError(str(exc)) from None
         self._pending.append(info)
         if len(self._pending) >= 256:
             self.flush()
 
     def flush(self) -> None:
-        for info in self._pending:
-            try:
-                info.wait_for_publish(timeout=self.timeout_s)
-            except RuntimeError as exc:
-                raise BrokerError(f"broker connection lost while publishing: {exc}") from None
-            if not info.is_published():
-                raise BrokerError(
-                    f"broker {self.host}:{self.port} did not acknowledge a message in {self.timeout_s:g}s"
-                )
+        """Wait until the broker has taken every message published so far; a refusal (ACL) is an error."""
+        try:
+            self.transport.wait_published(self._pending, timeout_s=self.timeout_s)
+        except TransportError as exc:
+            raise BrokerError(str(exc)) from None
         self._pending.clear()
 
     def __exit__(self, *exc: object) -> None:
@@ -128,8 +96,7 @@ class Publisher:
             if exc[0] is None:
                 self.flush()
         finally:
-            self._client.disconnect()
-            self._client.loop_stop()
+            self.transport.stop()
 
 
 def push_bundle(
@@ -147,6 +114,7 @@ def push_bundle(
     verify: bool = True,
     security: MqttSecurity | None = None,
     topic_root: str | None = None,
+    gc: bool = True,
 ) -> PushResult:
     """Publish every chunk of ``bundle_dir`` and then a signed release pointing at its manifest.
 
@@ -154,6 +122,10 @@ def push_bundle(
     the broker; devices fetch the bundle from that URL.
 
     ``verify=False`` skips the local integrity check; only tests use it, to send a bad bundle.
+
+    ``gc`` clears, once the new release is acknowledged, the chunks of the release it replaced on
+    the same topic that no current release of the fleet needs (:mod:`cloud_trainer.chunk_gc`); a
+    failure there is a logged warning, never a failed push.
     """
     try:
         manifest = Manifest.read(bundle_dir)
@@ -172,7 +144,14 @@ def push_bundle(
         topic = topics.device_release(target.name, manifest.model)
     manifest_bytes = (bundle_dir / MANIFEST_NAME).read_bytes()
     chunks = sent = 0
+    superseded = None
     with Publisher(host=host, port=port, protocol=protocol, security=security) as pub:
+        if gc:  # note the release this push replaces (chunk_gc builds on Publisher: imported here)
+            from cloud_trainer.chunk_gc import SupersededChunks
+
+            superseded = SupersededChunks.read(
+                topic, host=host, port=port, fleet=fleet, protocol=protocol, security=security, topic_root=topic_root
+            )
         manifest_sha = sha256_bytes(manifest_bytes)
         if artifact_url is None:
             for entry in manifest.files:
@@ -200,4 +179,5 @@ def push_bundle(
         )
         pub.publish(topic, sign_release(release, key).to_bytes())
     log.info("pushed %s v%s to %s: %d chunks, %d bytes", manifest.model, manifest.version, topic, chunks, sent)
-    return PushResult(release=release, topic=topic, chunks=chunks, bytes=sent)
+    cleared = superseded.clear() if superseded is not None else ()
+    return PushResult(release=release, topic=topic, chunks=chunks, bytes=sent, chunks_cleared=len(cleared))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, get_args
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from paho.mqtt.client import MQTTMessageInfo
@@ -18,7 +18,7 @@ from edge_agent.outbox import Outbox
 from edge_agent.protocol.errors import ProtocolError
 from edge_agent.protocol.release import key_id_of, load_public_key
 from edge_agent.protocol.samples import SamplingPolicy
-from edge_agent.protocol.state import DeviceState
+from edge_agent.protocol.state import Availability, DeviceState, UpdateState
 from edge_agent.protocol.topics import Topics
 from edge_agent.runtime import HealthCheckError, ModelHolder, ModelLoadError
 from edge_agent.sampling import Sampler
@@ -62,14 +62,15 @@ class Agent:
             device=config.device_id, fleet=config.fleet, online=True, model=config.model, updated_at=_now()
         )
         self._state_topic = self.topics.device_state(config.device_id)
-        offline = self._state.model_copy(update={"online": False})
+        self._availability_topic = self.topics.device_availability(config.device_id)
+        self._connected_at = _now()
         self.transport = MqttTransport(
             host=config.mqtt.host,
             port=config.mqtt.port,
             client_id=config.mqtt.client_id or f"edge-agent-{config.device_id}",
             keepalive_s=config.mqtt.keepalive_s,
             protocol=config.mqtt.protocol,
-            will=(self._state_topic, offline.to_bytes()),
+            will=(self._availability_topic, self._availability(online=False, at=None)),
             security=MqttSecurity.from_config(config.mqtt),
         )
         fetcher = ChunkFetcher(
@@ -141,6 +142,13 @@ class Agent:
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
+        problem = self.updater.trust_problem
+        if problem:
+            self._set_state(last_error=problem, publish=False)
+        self.updater.reconcile()  # the active pointer is the truth after a crash
+        update = self.updater.trust.state.update
+        if update is not None and update.state in get_args(UpdateState):
+            self._set_state(update_state=update.state, update_version=update.version, publish=False)
         self._serve_installed()
         self.server.start()
         self.updater.start()
@@ -162,9 +170,10 @@ class Agent:
     def stop(self) -> None:
         with self._state_lock:
             self._state = self._state.model_copy(update={"online": False, "updated_at": _now()})
-        info = self._publish_state()
-        if info is not None:
-            info.wait_for_publish(timeout=2.0)
+        infos = [self._publish_state(), self._publish_availability(online=False)]
+        for info in infos:
+            if info is not None:
+                info.wait_for_publish(timeout=2.0)
         self.telemetry.stop()
         self.updater.stop()
         self.server.stop()
@@ -249,8 +258,22 @@ class Agent:
             self.transport.publish(topic, payload, qos=0)
 
     def _republish_state(self) -> None:
-        """After every (re)connect: the retained state may still say offline from the last will."""
+        """After every (re)connect: availability says online again; the state may have changed meanwhile."""
+        self._connected_at = _now()
+        self._publish_availability(online=True)
         self._publish_state()
+
+    def _availability(self, *, online: bool, at: str | None) -> bytes:
+        cfg = self.config
+        return Availability(
+            device=cfg.device_id, fleet=cfg.fleet, online=online, at=at, connected_at=self._connected_at
+        ).to_bytes()
+
+    def _publish_availability(self, *, online: bool) -> MQTTMessageInfo | None:
+        if not self.transport.connected.is_set():
+            return None
+        payload = self._availability(online=online, at=_now())
+        return self.transport.publish(self._availability_topic, payload, qos=1, retain=True)
 
     def _publish_state(self) -> MQTTMessageInfo | None:
         if not self.transport.connected.is_set():

@@ -2,6 +2,7 @@
 
     edge-agent run --config /etc/edge-agent/agent.toml
     edge-agent check-config /etc/edge-agent/agent.toml
+    edge-agent reset-trust --config /etc/edge-agent/agent.toml --floor 41
 
 Signals are handled here and only here: SIGTERM and SIGINT stop the agent cleanly.
 """
@@ -95,6 +96,35 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reset_trust(args: argparse.Namespace) -> int:
+    from edge_agent.config import ConfigError, load_config
+    from edge_agent.store import ModelStore
+    from edge_agent.trust import TrustStore
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    trust = TrustStore(ModelStore(state_dir=config.state_dir, model=config.model).root)
+    if trust.locked is None and not args.force:
+        print(
+            f"the trust state of {config.model} is readable (floor {trust.state.floor}); "
+            "nothing to reset (--force resets it anyway)",
+            file=sys.stderr,
+        )
+        return 1
+    trust.reset(floor=args.floor)
+    print(
+        f"trust state of {config.model} reset: sequence floor {args.floor}, no rolled-back versions; "
+        f"old files kept beside {trust.primary}. Restart the agent."
+    )
+    if args.floor == 0:
+        print("warning: floor 0 accepts any release the broker still holds; pass --floor with the last "
+              "sequence you pushed (cloud-train keeps it in <key>.seq)", file=sys.stderr)  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-agent", description="edgeloop on-device inference agent")
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
@@ -107,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("config", type=Path)
     check.add_argument("--quiet", action="store_true", help="print only problems (systemd's ExecStartPre)")
     check.set_defaults(func=_cmd_check_config)
+    reset = sub.add_parser(
+        "reset-trust", help="start a fresh trust state (sequence floor) after it was found unreadable"
+    )
+    reset.add_argument("--config", type=Path, required=True, help="agent TOML config")
+    reset.add_argument("--floor", type=int, default=0, help="the lowest release sequence to accept is above this")
+    reset.add_argument("--force", action="store_true", help="reset even a readable trust state")
+    reset.set_defaults(func=_cmd_reset_trust)
     return parser
 
 

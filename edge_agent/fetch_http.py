@@ -15,6 +15,7 @@ import ssl
 from collections.abc import Callable
 from urllib.parse import quote, urlsplit
 
+from edge_agent.fetch import FetchCancelled
 from edge_agent.protocol.chunks import CHUNK_SIZE, check_chunk
 from edge_agent.protocol.errors import ProtocolError
 from edge_agent.protocol.manifest import MANIFEST_NAME, Manifest, sha256_bytes
@@ -84,8 +85,11 @@ class HttpChunkFetcher:
         check_chunk(sha256, data)
         self._store.put_chunk(sha256, data)
 
-    def fetch(self, manifest: Manifest, *, progress: Progress | None = None) -> int:
+    def fetch(
+        self, manifest: Manifest, *, progress: Progress | None = None, cancelled: Callable[[], bool] = lambda: False
+    ) -> int:
         """Fetch every chunk of ``manifest`` not yet held; return the bytes transferred."""
+
         total = manifest.total_bytes
         held = transferred = 0
         try:
@@ -93,6 +97,8 @@ class HttpChunkFetcher:
                 for index, chunk in enumerate(entry.chunks):
                     first = index * CHUNK_SIZE
                     length = min(CHUNK_SIZE, entry.size - first)
+                    if cancelled():
+                        raise FetchCancelled("download cancelled")
                     if not self._store.has_chunk(chunk):
                         data = self._get(entry.path, first=first, last=first + length - 1, limit=length)
                         if len(data) != length or sha256_bytes(data) != chunk:

@@ -6,7 +6,8 @@ Layout under ``state_dir``::
     models/<model>/staging/<v>/     a bundle being assembled; never served
     models/<model>/versions/<v>/    complete, verified bundles
     models/<model>/active           symlink -> versions/<v>; switched with one atomic rename
-    models/<model>/state.json       what must survive a restart (last accepted sequence, previous version)
+    models/<model>/state.json       the trust state (sequence floor, rolled-back versions, update in
+    models/<model>/state.backup.json  progress), twice: see :mod:`edge_agent.trust`
 
 Every write goes to a temporary name, is fsynced, then renamed, so kill -9 at any point leaves
 either the old file or the new one, never half of one.
@@ -15,11 +16,9 @@ either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 
 def fsync_dir(path: Path) -> None:
@@ -56,7 +55,6 @@ class ModelStore:
         self.versions_dir = self.root / "versions"
         self.staging_root = self.root / "staging"
         self.active_link = self.root / "active"
-        self.state_file = self.root / "state.json"
         for directory in (self.chunks_dir, self.versions_dir, self.staging_root):
             directory.mkdir(parents=True, exist_ok=True)
 
@@ -138,17 +136,3 @@ class ModelStore:
         for leftover in self.staging_root.iterdir():
             shutil.rmtree(leftover, ignore_errors=True)
         return removed
-
-    # -- persisted agent state --------------------------------------------------------------------
-    def load_state(self) -> dict[str, Any]:
-        try:
-            data = json.loads(self.state_file.read_bytes())
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError):
-            # A corrupt state file cannot come from atomic_write; start clean rather than crash-loop.
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    def save_state(self, state: dict[str, Any]) -> None:
-        atomic_write(self.state_file, json.dumps(state, sort_keys=True).encode())

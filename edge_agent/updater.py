@@ -4,10 +4,24 @@ Releases arrive on the MQTT thread and are queued; one worker thread runs each u
 so the MQTT loop and the inference server never wait on it. Every refusal is reported with its
 reason and the model that serves keeps serving.
 
-Persisted (``state.json`` in the store): the newest sequence accepted per release topic, the
-previous version, and the update in progress. A crash at any step leaves the active pointer on a
-complete, verified version; the retained release arrives again after restart and the update is
-redone, reusing every chunk already held.
+The rules a release must pass (each refusal names the rule):
+
+- signed by a trusted key, for this fleet and model, unexpired;
+- its target (fleet, group or device) is the topic it arrived on: a release signed for the fleet
+  cannot be replayed on a device topic, nor one for another device;
+- its sequence is above the **floor**, the highest sequence accepted for this fleet and model on
+  any topic level, unless it is the very release already accepted on that topic (the retained
+  copy redelivered after a reconnect). A release shadowed by a more specific one only has to be
+  newer than what its own topic carried before: it is not applied while it is shadowed.
+
+Only the latest message on each topic counts. A retry re-reads the desired state instead of
+resubmitting an old payload, and is dropped when the release it was for is no longer the one to
+apply. A new message on the topic being applied, or on a more specific one, cancels the download
+in progress; a withdrawal (an empty retained message) falls back to the next most specific release.
+
+The trust state (:mod:`edge_agent.trust`) survives crashes; before the active pointer switches,
+the update in progress is recorded with the version it replaces, so start-up can reconcile a crash
+between the switch and the final state write: the active pointer is the truth.
 """
 
 from __future__ import annotations
@@ -18,6 +32,7 @@ import queue
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +40,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.config import AgentConfig
-from edge_agent.fetch import ChunkFetcher, FetchTimeout, assemble_bundle
+from edge_agent.fetch import ChunkFetcher, FetchCancelled, FetchRefused, FetchTimeout, assemble_bundle
 from edge_agent.fetch_http import HttpChunkFetcher, HttpFetchError
 from edge_agent.protocol.chunks import CHUNK_SIZE
 from edge_agent.protocol.errors import ProtocolError
@@ -35,6 +50,7 @@ from edge_agent.protocol.state import UpdateState
 from edge_agent.protocol.topics import Topics
 from edge_agent.runtime import Classifier, HealthCheckError, ModelHolder, ModelLoadError, load_classifier
 from edge_agent.store import ModelStore
+from edge_agent.trust import TopicRecord, TrustStore, UpdateRecord
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +63,14 @@ class UpdateDeferred(Exception):
     """A transient failure (the broker stopped delivering, the disk is full): the update is retried."""
 
 
+class UpdateCancelled(Exception):
+    """A newer message on the release's topic, or a more specific one, arrived during the update."""
+
+
 FAILPOINT_ENV = "EDGELOOP_FAILPOINT"
-"""Fault injection for the crash tests: ``crash-after:<update state>`` SIGKILLs the agent right
-after it has persisted and reported that state. Unset in production."""
+"""Fault injection for the crash tests: ``crash-after:<point>`` SIGKILLs the agent right after it
+has persisted and reported that update state, or (``switch``) right after the active pointer moved
+and before the state says so. Unset in production."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +90,19 @@ Reporter = Callable[[StateChange], None]
 class Rollback:
     version: int
     reason: str
+
+
+@dataclass(frozen=True)
+class _Message:
+    topic: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class _Desired:
+    topic: str
+    release: Release
+    digest: str  # sha256 of the signed envelope
 
 
 def load_verified(bundle_dir: Path, config: AgentConfig) -> Classifier:
@@ -119,10 +153,15 @@ class Updater:
         self._report = report
         self._on_activated = on_activated
         self._topics = Topics(fleet=config.fleet, root=config.mqtt.topic_root)
-        self._queue: queue.Queue[tuple[str, bytes] | Rollback | None] = queue.Queue(maxsize=64)
-        self._state = store.load_state()
-        self._desired: dict[int, tuple[str, Release]] = {}  # by specificity: 0 fleet, 1 group, 2 device
-        self._retries: dict[str, int] = {}
+        self._queue: queue.Queue[_Message | Rollback | None] = queue.Queue(maxsize=64)
+        self.trust = TrustStore(store.root)
+        self._desired: dict[int, _Desired] = {}  # by specificity: 0 fleet, 1 group, 2 device
+        self._retry: tuple[float, str, int] | None = None  # (due, digest of the release, attempt)
+        self._attempts: dict[str, int] = {}
+        self._cancel = threading.Event()
+        self._inflight_lock = threading.Lock()
+        self._inflight: tuple[str, bytes, int] | None = None  # (topic, payload, specificity) being applied
+        self._heard: dict[str, bytes] = {}  # the latest payload per topic, as the MQTT thread saw it
         self._failpoint = os.environ.get(FAILPOINT_ENV, "").removeprefix("crash-after:")
         self._thread = threading.Thread(target=self._run, name="updater", daemon=True)
         self.idle = threading.Event()
@@ -133,49 +172,303 @@ class Updater:
         self._thread.start()
 
     def stop(self) -> None:
+        self._cancel.set()
         self._queue.put(None)
         self._thread.join(timeout=10)
 
+    @property
+    def trust_problem(self) -> str | None:
+        """What was wrong with the persisted trust state at start-up (None if nothing)."""
+        return self.trust.locked or self.trust.problem
+
     def submit(self, topic: str, payload: bytes, _retained: bool = True) -> None:
-        """Queue a release message (called on the MQTT thread); an empty one clears that topic's release."""
+        """Queue a release message (called on the MQTT thread); an empty one withdraws that topic's release."""
+        level = self._topics.specificity(topic)
+        with self._inflight_lock:
+            inflight = self._inflight
+            changed = self._heard.get(topic) != payload
+            self._heard[topic] = payload
+        if inflight is not None and changed:
+            busy_topic, busy_payload, busy_level = inflight
+            if (topic == busy_topic and payload != busy_payload) or level > busy_level:
+                log.info("a new message on %s cancels the update in progress", topic)
+                self._cancel.set()
         try:
             self.idle.clear()
-            self._queue.put_nowait((topic, payload))
+            self._queue.put_nowait(_Message(topic, payload))
         except queue.Full:
             log.warning("release queue full; dropping a message on %s (it is retained and comes again)", topic)
 
     @property
     def previous_version(self) -> int | None:
-        value = self._state.get("previous_version")
-        return value if isinstance(value, int) else None
+        return self.trust.state.previous_version
+
+    # -- start-up ---------------------------------------------------------------------------------
+    def reconcile(self) -> None:
+        """Make the persisted state agree with the active pointer after a crash; call before serving.
+
+        A crash after the switch to a new version but before "active" was saved leaves the update
+        record at ``health-checking`` for the version now active: the switch happened, so it is
+        recorded as done (and watched again). A crash in the middle of a rollback finishes it.
+        """
+        state = self.trust.state
+        update = state.update
+        if update is None or update.version is None:
+            return
+        active = self._store.active_version()
+        if update.state == "health-checking" and active == update.version:
+            state.previous_version = update.previous
+            state.update = UpdateRecord(state="active", version=active)
+            self.trust.save()
+            log.warning("v%s became active just before a crash; recorded it as active", active)
+            self._report(StateChange("active", active, active=active))
+            self._on_activated(active)
+        elif update.state == "rolling-back":
+            target = update.previous
+            if active == update.version and target is not None and target in self._store.installed_versions():
+                self._store.activate(target)
+            state.previous_version = update.version
+            state.update = UpdateRecord(state="rolled-back", version=update.version)
+            self.trust.save()
+            log.warning("finished the rollback of v%s interrupted by a crash", update.version)
+            self._report(
+                StateChange(
+                    "rolled-back",
+                    update.version,
+                    error=f"v{update.version} rolled back (completed after a restart)",
+                    active=self._store.active_version(),
+                )
+            )
 
     # -- the worker -------------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
+            timeout = None if self._retry is None else max(0.0, self._retry[0] - time.monotonic())
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                self._guard(self._retry_due)
+                continue
             if item is None:
                 return
             if isinstance(item, Rollback):
-                self._rollback(item)
-                continue
-            topic, payload = item
-            try:
-                self._handle(topic, payload)
-                self._retries.pop(topic, None)
-            except UpdateRefused as exc:
-                log.warning("update refused: %s", exc)
-            except UpdateDeferred as exc:
-                self._retry_later(topic, payload, str(exc))
-            except Exception as exc:
-                log.exception("update failed")
-                self._report(StateChange("rejected", None, error=f"internal error: {exc}"))
-            finally:
-                if self._queue.empty():
-                    self.idle.set()
+                self._guard(lambda item=item: self._rollback(item))  # type: ignore[misc]
+            else:
+                self._guard(lambda item=item: self._on_message(item.topic, item.payload))  # type: ignore[misc]
+
+    def _guard(self, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except UpdateRefused as exc:
+            log.warning("update refused: %s", exc)
+        except Exception as exc:
+            log.exception("update failed")
+            self._report(StateChange("rejected", None, error=f"internal error: {type(exc).__name__}: {exc}"))
+        finally:
+            if self._queue.empty():
+                self.idle.set()
 
     def request_rollback(self, version: int, reason: str) -> None:
         """Roll ``version`` back to the previous one, on the worker thread (the watch window calls this)."""
         self._queue.put(Rollback(version, reason))
+
+    # -- desired state ----------------------------------------------------------------------------
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        level = self._topics.specificity(topic)
+        if level < 0:
+            log.warning("ignored a message on %s: not a release topic", topic)
+            return
+        if not payload:
+            self._withdraw(topic, level)
+            return
+        if self.trust.locked:
+            raise self._refuse(None, f"release on {topic} refused: {self.trust.locked}")
+        try:
+            release = open_release(payload, self._trusted)
+        except ProtocolError as exc:
+            raise self._refuse(None, f"release on {topic} refused: {exc}") from None
+        digest = sha256_bytes(payload)
+        self._check_release(topic, level, release, digest)
+        state = self.trust.state
+        state.topics[topic] = TopicRecord(sequence=release.sequence, payload_sha256=digest)
+        state.floor = max(state.floor, release.sequence)
+        self.trust.save()
+        self._desired[level] = _Desired(topic, release, digest)
+        if level < max(self._desired):
+            log.info("release v%s on %s is shadowed by a more specific release", release.version, topic)
+            return
+        self._apply_desired()
+
+    def _withdraw(self, topic: str, level: int) -> None:
+        record = self.trust.state.topics.get(topic)
+        if record is not None and not record.withdrawn:
+            record.withdrawn = True  # its sequence stays: the withdrawn release cannot come back
+            record.payload_sha256 = None
+            self.trust.save()
+        dropped = self._desired.pop(level, None)
+        if dropped is None:
+            return
+        log.info("release v%s on %s withdrawn", dropped.release.version, topic)
+        if self._retry is not None and self._retry[1] == dropped.digest:
+            self._retry = None
+        if self._desired:
+            self._apply_desired()
+        else:
+            active = self._store.active_version()
+            self._report(StateChange("idle", active, error=f"release v{dropped.release.version} on {topic} withdrawn"))
+        self._drop_unused_chunks()
+
+    def _apply_desired(self) -> None:
+        """Apply the most specific desired release, if it is not what runs already."""
+        if not self._desired:
+            return
+        desired = self._desired[max(self._desired)]
+        release = desired.release
+        if release.version == self._store.active_version():
+            self._retry = None
+            return
+        if release.version in self.trust.state.rolled_back:
+            raise self._refuse(
+                release.version, f"v{release.version} was rolled back on this device; push a new version"
+            )
+        if release.is_expired():
+            raise self._refuse(release.version, f"release expired at {release.expires_at.isoformat()}")
+        if not in_canary(
+            fleet=self._config.fleet, device=self._config.device_id, model=release.model, percent=release.canary_percent
+        ):
+            log.info("release v%s is a %s%% canary this device is not in", release.version, release.canary_percent)
+            return
+        with self._inflight_lock:
+            level = self._topics.specificity(desired.topic)
+            self._inflight = (desired.topic, self._heard.get(desired.topic, b""), level)
+            self._cancel.clear()
+        try:
+            self._apply(release)
+            self._retry = None
+            self._attempts.pop(desired.digest, None)
+        except UpdateDeferred as exc:
+            self._schedule_retry(desired.digest, str(exc))
+        except UpdateCancelled as exc:
+            log.info("update to v%s cancelled: %s", release.version, exc)
+            self._retry = None
+        except UpdateRefused:
+            self._retry = None
+            self._store.drop_chunks(self._chunks_of_installed())  # what the refused release brought
+            raise
+        finally:
+            with self._inflight_lock:
+                self._inflight = None
+
+    def _schedule_retry(self, digest: str, reason: str) -> None:
+        attempt = self._attempts.get(digest, 0) + 1
+        self._attempts = {digest: attempt}  # attempts of any other release are moot now
+        delay = min(300.0, self._config.update.retry_base_s * 2 ** (attempt - 1))
+        self._retry = (time.monotonic() + delay, digest, attempt)
+        log.warning("update deferred (%s); retry %d in %.0fs", reason, attempt, delay)
+        self._report(StateChange("idle", None, error=f"{reason}; retry {attempt} in {delay:.0f}s"))
+
+    def _retry_due(self) -> None:
+        retry, self._retry = self._retry, None
+        if retry is None or not self._desired:
+            return
+        if self._desired[max(self._desired)].digest != retry[1]:
+            log.info("dropped a retry: the release it was for is no longer the one to apply")
+            return
+        self._apply_desired()
+
+    def _check_release(self, topic: str, level: int, release: Release, digest: str) -> None:
+        cfg = self._config
+        if release.fleet != cfg.fleet or release.model != cfg.model:
+            raise self._refuse(release.version, f"release is for {release.fleet}/{release.model}, not this device")
+        target = release.target
+        kind, name, model = self._topics.release_target(topic) or ("?", "?", "?")
+        if (target.kind, target.name, release.model) != (kind, name, model):
+            raise self._refuse(
+                release.version,
+                f"release targets {target.kind} {target.name!r} model {release.model!r} but arrived on {topic} "
+                f"({kind} {name!r} model {model!r}): replayed on another topic, refused",
+            )
+        if (target.kind == "device" and target.name != cfg.device_id) or (
+            target.kind == "group" and target.name != cfg.group
+        ):
+            raise self._refuse(release.version, f"release targets {target.kind} {target.name!r}, not this device")
+        state = self.trust.state
+        record = state.topics.get(topic)
+        redelivery = (
+            record is not None
+            and not record.withdrawn
+            and record.sequence == release.sequence
+            and record.payload_sha256 in (None, digest)  # None: recorded by an older agent
+        )
+        if not redelivery:
+            if record is not None and release.sequence <= record.sequence:
+                raise self._refuse(
+                    release.version,
+                    f"release sequence {release.sequence} on {topic} is not above {record.sequence}, "
+                    f"{'withdrawn' if record.withdrawn else 'accepted'} there before (replay or rollback refused)",
+                )
+            shadowed = any(other > level for other in self._desired)
+            if not shadowed and release.sequence <= state.floor:
+                raise self._refuse(
+                    release.version,
+                    f"release sequence {release.sequence} is not above {state.floor}, the newest accepted for "
+                    f"{cfg.fleet}/{cfg.model} (replay or rollback refused)",
+                )
+        if release.is_expired():
+            raise self._refuse(release.version, f"release expired at {release.expires_at.isoformat()}")
+        if release.manifest_size > CHUNK_SIZE:
+            raise self._refuse(release.version, f"manifest of {release.manifest_size} bytes exceeds one chunk")
+
+    def _refuse(self, version: int | None, reason: str) -> UpdateRefused:
+        self._report(StateChange("rejected", version, error=reason))
+        return UpdateRefused(reason)
+
+    # -- persisted update state -------------------------------------------------------------------
+    def _set_update(self, change: StateChange, *, previous: int | None = None) -> None:
+        self.trust.state.update = UpdateRecord(state=change.state, version=change.version, previous=previous)
+        self.trust.save()
+        self._report(change)
+        self._crash_if(change.state)
+
+    def _crash_if(self, point: str) -> None:
+        if self._failpoint == point:
+            log.warning("failpoint: crashing after %s", point)
+            logging.shutdown()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # -- applying ---------------------------------------------------------------------------------
+    def _apply(self, release: Release) -> None:
+        version = release.version
+        self._set_update(StateChange("downloading", version, progress=0.0))
+        manifest, manifest_bytes, transferred = self._download(release)
+
+        self._set_update(StateChange("verifying", version, progress=1.0, bytes_transferred=transferred))
+        staging = self._store.fresh_staging(version)
+        try:
+            assemble_bundle(self._store, manifest, manifest_bytes, staging)
+        except (ProtocolError, OSError) as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise self._refuse(version, f"bundle v{version} failed verification: {exc}") from None
+        installed = self._store.install(staging, version)
+        self._set_update(StateChange("staged", version, bytes_transferred=transferred))
+
+        previous = self._store.active_version()
+        self._set_update(StateChange("health-checking", version), previous=previous)
+        try:
+            model = load_verified(installed, self._config)
+        except (ProtocolError, ModelLoadError, HealthCheckError) as exc:
+            shutil.rmtree(installed, ignore_errors=True)
+            raise self._refuse(version, f"bundle v{version} failed its health check: {exc}") from None
+
+        self._store.activate(version)  # the recorded update names `previous`: start-up can reconcile
+        self._crash_if("switch")
+        self._on_activated(version)  # before the swap: every request the new version serves is watched
+        self._holder.swap(model)
+        self.trust.state.previous_version = previous
+        self._store.prune(self._config.update.keep_versions, protect={v for v in (version, previous) if v})
+        self._store.drop_chunks(self._chunks_of_installed())
+        self._set_update(StateChange("active", version, bytes_transferred=transferred, active=version))
+        log.info("version %s active (was %s); %s bytes transferred", version, previous, transferred)
 
     def _rollback(self, item: Rollback) -> None:
         previous = self.previous_version
@@ -191,10 +484,13 @@ class Updater:
         except (ProtocolError, ModelLoadError, HealthCheckError) as exc:
             self._report(StateChange("active", item.version, error=f"{item.reason}; rollback failed: {exc}"))
             return
+        state = self.trust.state
+        state.rolled_back = sorted({*state.rolled_back, item.version})  # before the switch: never re-applied
+        state.update = UpdateRecord(state="rolling-back", version=item.version, previous=previous)
+        self.trust.save()
         self._store.activate(previous)
         self._holder.swap(model)
-        self._state["previous_version"] = item.version
-        self._state["rolled_back"] = sorted({*self._state.get("rolled_back", []), item.version})
+        state.previous_version = item.version
         self._set_update(
             StateChange(
                 "rolled-back", item.version, error=f"v{item.version} rolled back: {item.reason}", active=previous
@@ -202,121 +498,7 @@ class Updater:
         )
         log.warning("rolled back v%s to v%s: %s", item.version, previous, item.reason)
 
-    def _retry_later(self, topic: str, payload: bytes, reason: str) -> None:
-        attempt = self._retries.get(topic, 0) + 1
-        self._retries[topic] = attempt
-        delay = min(300.0, self._config.update.retry_base_s * 2 ** (attempt - 1))
-        log.warning("update deferred (%s); retry %d in %.0fs", reason, attempt, delay)
-        self._report(StateChange("idle", None, error=f"{reason}; retry {attempt} in {delay:.0f}s"))
-        timer = threading.Timer(delay, self.submit, args=(topic, payload))
-        timer.daemon = True
-        timer.start()
-
-    def _refuse(self, version: int | None, reason: str) -> UpdateRefused:
-        self._report(StateChange("rejected", version, error=reason))
-        return UpdateRefused(reason)
-
-    def _handle(self, topic: str, payload: bytes) -> None:
-        level = self._topics.specificity(topic)
-        if not payload:  # the release on this topic was cleared: a less specific one may apply again
-            if self._desired.pop(level, None) is not None and self._desired:
-                topic, release = self._desired[max(self._desired)]
-                if release.version != self._store.active_version() and not release.is_expired():
-                    self._apply(topic, release)
-            return
-        try:
-            release = open_release(payload, self._trusted)
-        except ProtocolError as exc:
-            raise self._refuse(None, f"release on {topic} refused: {exc}") from None
-        self._check_release(topic, release)
-        self._desired[level] = (topic, release)
-        if level < max(self._desired):
-            self._remember_sequence(topic, release)
-            log.info("release v%s on %s is overridden by a more specific release", release.version, topic)
-            return
-        if release.version == self._store.active_version():
-            self._remember_sequence(topic, release)
-            return
-        if release.version in self._state.get("rolled_back", []):
-            raise self._refuse(
-                release.version, f"v{release.version} was rolled back on this device; push a new version"
-            )
-        if not in_canary(
-            fleet=self._config.fleet, device=self._config.device_id, model=release.model, percent=release.canary_percent
-        ):
-            log.info("release v%s is a %s%% canary this device is not in", release.version, release.canary_percent)
-            return
-        self._apply(topic, release)
-
-    def _check_release(self, topic: str, release: Release) -> None:
-        cfg = self._config
-        if release.fleet != cfg.fleet or release.model != cfg.model:
-            raise self._refuse(release.version, f"release is for {release.fleet}/{release.model}, not this device")
-        target = release.target
-        if (target.kind == "device" and target.name != cfg.device_id) or (
-            target.kind == "group" and target.name != cfg.group
-        ):
-            raise self._refuse(release.version, f"release targets {target.kind} {target.name!r}, not this device")
-        sequences = self._state.get("sequences", {})
-        newest = sequences.get(topic, 0)
-        if release.sequence < newest:
-            raise self._refuse(
-                release.version,
-                f"release sequence {release.sequence} is lower than {newest} already accepted (rollback refused)",
-            )
-        if release.is_expired():
-            raise self._refuse(release.version, f"release expired at {release.expires_at.isoformat()}")
-        if release.manifest_size > CHUNK_SIZE:
-            raise self._refuse(release.version, f"manifest of {release.manifest_size} bytes exceeds one chunk")
-
-    def _remember_sequence(self, topic: str, release: Release) -> None:
-        sequences = dict(self._state.get("sequences", {}))
-        sequences[topic] = release.sequence
-        self._state["sequences"] = sequences
-        self._store.save_state(self._state)
-
-    def _set_update(self, change: StateChange) -> None:
-        self._state["update"] = {"state": change.state, "version": change.version}
-        self._store.save_state(self._state)
-        self._report(change)
-        if self._failpoint == change.state:
-            log.warning("failpoint: crashing after %s", change.state)
-            logging.shutdown()
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    def _apply(self, topic: str, release: Release) -> None:
-        version = release.version
-        self._set_update(StateChange("downloading", version, progress=0.0))
-        manifest, manifest_bytes, transferred = self._download(release)
-
-        self._set_update(StateChange("verifying", version, progress=1.0, bytes_transferred=transferred))
-        staging = self._store.fresh_staging(version)
-        try:
-            assemble_bundle(self._store, manifest, manifest_bytes, staging)
-        except (ProtocolError, OSError) as exc:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise self._refuse(version, f"bundle v{version} failed verification: {exc}") from None
-        installed = self._store.install(staging, version)
-        self._set_update(StateChange("staged", version, bytes_transferred=transferred))
-
-        self._set_update(StateChange("health-checking", version))
-        try:
-            model = load_verified(installed, self._config)
-        except (ProtocolError, ModelLoadError, HealthCheckError) as exc:
-            shutil.rmtree(installed, ignore_errors=True)
-            raise self._refuse(version, f"bundle v{version} failed its health check: {exc}") from None
-
-        previous = self._store.active_version()
-        self._store.activate(version)
-        self._on_activated(version)  # before the swap: every request the new version serves is watched
-        self._holder.swap(model)
-        self._state["previous_version"] = previous
-        self._remember_sequence(topic, release)
-        self._store.prune(self._config.update.keep_versions, protect={v for v in (version, previous) if v})
-        self._store.drop_chunks(self._chunks_of_installed())
-        self._set_update(StateChange("active", version, bytes_transferred=transferred, active=version))
-        log.info("version %s active (was %s); %s bytes transferred", version, previous, transferred)
-
+    # -- downloading ------------------------------------------------------------------------------
     def _download(self, release: Release) -> tuple[Manifest, bytes, int]:
         """Fetch and check the manifest, then every chunk not yet held; return them and the bytes transferred."""
         version = release.version
@@ -329,7 +511,9 @@ class Updater:
                 version, lambda: web.fetch_manifest(release.manifest_sha256, release.manifest_size)
             )
         else:
-            transferred = self._fetch_chunks(release.manifest_sha256)
+            transferred = self._fetch_chunks(
+                {release.manifest_sha256: release.manifest_size}, version=version, progress=False
+            )
         manifest_bytes = self._store.chunk_path(release.manifest_sha256).read_bytes()
         try:
             manifest = Manifest.parse(manifest_bytes, origin=f"manifest of version {version}")
@@ -354,10 +538,11 @@ class Updater:
             )
         if web is not None:
             progress = self._progress_reporter(version)
-            transferred += self._over_http(version, lambda: web.fetch(manifest, progress=progress))
+            transferred += self._over_http(
+                version, lambda: web.fetch(manifest, progress=progress, cancelled=self._cancel.is_set)
+            )
         else:
-            chunk_ids = [c for entry in manifest.files for c in entry.chunks]
-            transferred += self._fetch_chunks(*chunk_ids, total_bytes=manifest.total_bytes, version=version)
+            transferred += self._fetch_chunks(manifest.chunk_sizes(), version=version)
         return manifest, manifest_bytes, transferred
 
     def _chunks_of_installed(self) -> set[str]:
@@ -374,6 +559,20 @@ class Updater:
             keep.update(c for entry in manifest.files for c in entry.chunks)
         return keep
 
+    def _drop_unused_chunks(self) -> None:
+        """Delete chunks no installed version needs (a withdrawn release's), keeping those of the
+        release desired now so its download resumes."""
+        keep = self._chunks_of_installed()
+        if self._desired:
+            release = self._desired[max(self._desired)].release
+            keep.add(release.manifest_sha256)
+            try:
+                manifest = Manifest.parse(self._store.chunk_path(release.manifest_sha256).read_bytes())
+                keep.update(c for entry in manifest.files for c in entry.chunks)
+            except (OSError, ProtocolError):
+                pass
+        self._store.drop_chunks(keep)
+
     def _progress_reporter(self, version: int | None) -> Callable[[int, int], None]:
         reported = [0.0]
 
@@ -388,21 +587,22 @@ class Updater:
     def _over_http(self, version: int, step: Callable[[], int | None]) -> int:
         try:
             return step() or 0
+        except FetchCancelled as exc:
+            raise UpdateCancelled(str(exc)) from None
         except HttpFetchError as exc:
             raise UpdateDeferred(f"download of v{version} stalled: {exc}") from None
         except ProtocolError as exc:
             raise self._refuse(version, f"download failed: {exc}") from None
 
-    def _fetch_chunks(self, *chunk_ids: str, total_bytes: int = 0, version: int | None = None) -> int:
-        progress = self._progress_reporter(version)
-
-        sizes = dict.fromkeys(chunk_ids, CHUNK_SIZE)
-        if total_bytes and chunk_ids:
-            # Every chunk but a file's last is CHUNK_SIZE; the estimate only drives the progress bar.
-            sizes = {c: min(CHUNK_SIZE, total_bytes) for c in chunk_ids}
+    def _fetch_chunks(self, sizes: dict[str, int], *, version: int, progress: bool = True) -> int:
+        """Fetch the chunks named in ``sizes`` (their exact expected sizes)."""
         try:
-            return self._fetcher.fetch(list(chunk_ids), sizes=sizes, progress=progress)
-        except FetchTimeout as exc:
-            raise UpdateDeferred(f"download of v{version or '?'} stalled: {exc}") from None
+            return self._fetcher.fetch(
+                sizes, progress=self._progress_reporter(version) if progress else None, cancelled=self._cancel.is_set
+            )
+        except FetchCancelled as exc:
+            raise UpdateCancelled(str(exc)) from None
+        except (FetchTimeout, FetchRefused) as exc:
+            raise UpdateDeferred(f"download of v{version} stalled: {exc}") from None
         except ProtocolError as exc:
             raise self._refuse(version, f"download failed: {exc}") from None

@@ -62,6 +62,7 @@ def agent_toml(
     public_key: Path,
     http_port: int = 0,
     protocol: str = "5",
+    group: str | None = None,
     **update: Any,
 ) -> str:
     """An agent config for tests; ``update`` overrides ``[update]`` settings."""
@@ -74,6 +75,7 @@ def agent_toml(
         fleet = "{fleet}"
         model = "intents"
         state_dir = "{state_dir}"
+        {f'group = "{group}"' if group else ""}
 
         [mqtt]
         host = "{broker.host}"
@@ -212,7 +214,12 @@ def agent_process(
     started: list[AgentProcess] = []
 
     def make(
-        *, broker: LocalBroker | None = None, env: dict[str, str] | None = None, extra_toml: str = "", **update: Any
+        *,
+        broker: LocalBroker | None = None,
+        env: dict[str, str] | None = None,
+        extra_toml: str = "",
+        group: str | None = None,
+        **update: Any,
     ) -> AgentProcess:
         """``update`` sets ``[update]`` keys; ``extra_toml`` adds whole sections (``[sampling]``...)."""
         port = free_port()
@@ -224,6 +231,7 @@ def agent_process(
                 fleet=fleet,
                 public_key=keys.public,
                 http_port=port,
+                group=group,
                 **update,
             )
             + extra_toml
@@ -236,3 +244,18 @@ def agent_process(
     yield make
     for agent in started:
         agent.stop()
+
+
+@pytest.fixture
+def serving_v1(
+    tmp_path: Path, mosquitto: LocalBroker, fleet: str, keys: Keys, agent_process: Callable[..., AgentProcess]
+) -> AgentProcess:
+    """An agent process serving v1 of the tiny ``intents`` model, pushed to the whole fleet."""
+    from cloud_trainer.publish import push_bundle
+    from tests.tinymodel import make_tiny_bundle
+
+    make_tiny_bundle(tmp_path / "v1", version=1)
+    push_bundle(tmp_path / "v1", host=mosquitto.host, port=mosquitto.port, fleet=fleet, key_path=keys.private)
+    agent = agent_process()
+    agent.wait_version(1)
+    return agent

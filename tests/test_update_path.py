@@ -31,17 +31,6 @@ def publish_raw(broker: LocalBroker, topic: str, payload: bytes) -> None:
         pub.publish(topic, payload)
 
 
-@pytest.fixture
-def serving_v1(
-    tmp_path: Path, mosquitto: LocalBroker, fleet: str, keys: Keys, agent_process: Callable[..., AgentProcess]
-) -> AgentProcess:
-    make_tiny_bundle(tmp_path / "v1", version=1)
-    push(tmp_path / "v1", mosquitto, fleet, keys)
-    agent = agent_process()
-    agent.wait_version(1)
-    return agent
-
-
 def assert_still_serves_v1(agent: AgentProcess) -> None:
     status, body = agent.predict(["turn on the lights"])
     assert status == 200
@@ -226,7 +215,7 @@ def _retained(broker: LocalBroker, topic: str) -> bytes:
     client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
 
     def on_message(_c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
-        got.append(msg.payload)
+        got.append(bytes(msg.payload))
         done.set()
 
     client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
@@ -357,10 +346,23 @@ def test_error_rate_in_the_watch_window_rolls_back(
     assert_still_serves_v1(agent)
 
 
-def test_last_will_reports_a_vanished_device_offline(serving_v1: AgentProcess, state_listener: StateListener) -> None:
-    state_listener.wait_for(lambda s: s.get("online") is True and s.get("active_version") == 1)
-    assert serving_v1.process is not None
-    serving_v1.process.kill()  # no clean goodbye: the broker publishes the will after 1.5 x keepalive (5 s)
-    serving_v1.process.wait()
-    state = state_listener.wait_for(lambda s: s.get("online") is False, timeout_s=20)
-    assert state["device"] == "dev-1"
+def test_after_kill_9_the_will_says_offline_and_the_state_keeps_the_last_truth(
+    serving_v1: AgentProcess, mosquitto: LocalBroker, fleet: str, state_listener: StateListener
+) -> None:
+    topics = Topics(fleet=fleet)
+    availability = StateListener(mosquitto, topics.device_availability("dev-1"))
+    try:
+        availability.wait_for(lambda a: a["online"] is True)
+        publish_raw(mosquitto, topics.fleet_release("intents"), b"{not json")  # an error worth remembering
+        before = state_listener.wait_for(lambda s: "not a valid edgeloop.signed/1" in (s.get("last_error") or ""))
+        assert serving_v1.process is not None
+        serving_v1.process.kill()  # no clean goodbye: the broker publishes the will after 1.5 x keepalive (5 s)
+        serving_v1.process.wait()
+        will = availability.wait_for(lambda a: a["online"] is False, timeout_s=20)
+        assert (will["device"], will["at"]) == ("dev-1", None)  # the broker sent it: the receiver dates it
+        assert will["connected_at"] <= before["updated_at"]
+    finally:
+        availability.close()
+    retained = json.loads(_retained(mosquitto, topics.device_state("dev-1")))
+    assert retained == before  # the will erased nothing: version, error and its time are intact
+    assert (retained["active_version"], retained["update_state"]) == (1, "rejected")

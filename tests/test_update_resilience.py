@@ -4,7 +4,6 @@ which release wins when several target a device."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from cloud_trainer.localbroker import LocalBroker, start_local_broker
 from cloud_trainer.publish import Publisher, push_bundle
 from edge_agent.protocol import Manifest, Target, Topics
 from edge_agent.store import ModelStore
+from edge_agent.trust import TrustStore
 from tests.conftest import AgentProcess, Keys, StateListener
 from tests.tinymodel import make_tiny_bundle
 
@@ -70,10 +70,10 @@ def _chunk_data(bundle: Path, manifest: Manifest, chunk: str) -> bytes:
     raise AssertionError(chunk)
 
 
-@pytest.mark.parametrize("state", ["downloading", "verifying", "staged", "health-checking", "active"])
+@pytest.mark.parametrize("state", ["downloading", "verifying", "staged", "health-checking", "switch", "active"])
 def test_kill_9_in_each_update_state_then_restart(
     tmp_path: Path, mosquitto: LocalBroker, fleet: str, keys: Keys,
-    agent_process: Callable[..., AgentProcess], state: str,
+    agent_process: Callable[..., AgentProcess], state: str, state_listener: StateListener,
 ) -> None:  # fmt: skip
     make_tiny_bundle(tmp_path / "v1", version=1)
     push(tmp_path / "v1", mosquitto, fleet, keys)
@@ -93,18 +93,26 @@ def test_kill_9_in_each_update_state_then_restart(
 
     store = ModelStore(state_dir=tmp_path / "state", model="intents")
     active = store.active_version()
-    assert active == (2 if state == "active" else 1)  # the pointer only ever names a complete version
+    assert active == (2 if state in ("switch", "active") else 1)  # the pointer only ever names a complete version
     manifest = Manifest.read(store.version_dir(active))
     assert manifest.version == active
+    if state == "switch":  # the pointer moved, the state file still says the health check runs
+        crashed = TrustStore(store.root).state.update
+        assert crashed is not None and (crashed.state, crashed.version, crashed.previous) == ("health-checking", 2, 1)
+    seen = len(state_listener.states)
 
     agent.start()  # a normal restart: serves what is active at once, then finishes the update
     agent.wait_version(2, timeout_s=60)
     status, body = agent.predict(["switch off"])
     assert (status, body["version"]) == (200, 2)
     deadline = time.monotonic() + 10  # the swap comes first, then the bookkeeping
-    while json.loads(store.state_file.read_text())["update"]["state"] != "active" and time.monotonic() < deadline:
+    while TrustStore(store.root).state.update.state != "active" and time.monotonic() < deadline:  # type: ignore[union-attr]
         time.sleep(0.05)
-    assert json.loads(store.state_file.read_text())["update"]["state"] == "active"
+    trust = TrustStore(store.root).state
+    assert trust.update is not None and (trust.update.state, trust.update.version) == ("active", 2)
+    assert trust.previous_version == 1
+    reported = state_listener.wait_for(lambda s: s["update_state"] == "active" and s["online"], since=seen)
+    assert (reported["active_version"], reported["previous_version"]) == (2, 1)
     assert not list(store.staging_root.iterdir())  # leftovers of the crash are cleaned up
 
 

@@ -33,7 +33,7 @@ from edge_agent.protocol.release import (
     load_public_key,
     open_release,
 )
-from edge_agent.protocol.state import DeviceState, UpdateState
+from edge_agent.protocol.state import Availability, DeviceState, UpdateState
 from edge_agent.protocol.topics import DEFAULT_ROOT, Topics, check_segment
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "DEFAULT_ROOT",
     "MANIFEST_NAME",
     "MAX_MESSAGE_BYTES",
+    "Availability",
     "DeviceState",
     "FileEntry",
     "ImagePreprocessing",

@@ -13,10 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from edge_agent.protocol.errors import IntegrityError
-from edge_agent.protocol.manifest import sha256_bytes
+from edge_agent.protocol.manifest import CHUNK_SIZE, sha256_bytes
+
+__all__ = ["CHUNK_SIZE", "MAX_MESSAGE_BYTES", "check_chunk", "iter_chunks"]
 
 # 96 KiB of payload stays under a 128 KiB MQTT message limit with room for the topic and headers.
-CHUNK_SIZE = 96 * 1024
 MAX_MESSAGE_BYTES = 128 * 1024
 
 

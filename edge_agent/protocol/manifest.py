@@ -19,6 +19,8 @@ from edge_agent.protocol.errors import IntegrityError, MalformedPayload, UnsafeP
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA = "edgeloop.manifest/1"
+CHUNK_SIZE = 96 * 1024
+"""Every chunk of a file but its last carries this many bytes (96 KiB: under a 128 KiB MQTT message limit)."""
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="lowercase hex sha256")]
 
 
@@ -166,7 +168,29 @@ class Manifest(_Frozen):
         for ref in refs:
             if ref not in names:
                 raise ValueError(f"manifest refers to {ref!r}, which is not in its file list")
+        self.chunk_sizes()  # chunk counts and sizes agree with the declared file sizes
         return self
+
+    def chunk_sizes(self) -> dict[str, int]:
+        """The exact size of every chunk, from the file sizes; ``ValueError`` if the chunk lists disagree.
+
+        A file of ``size`` bytes travels in ``ceil(size / CHUNK_SIZE)`` chunks, all full but the
+        last. A manifest that lists more (an amplification attack: a device would fetch them all
+        before assembly could notice) or fewer is refused before a single chunk is requested.
+        """
+        sizes: dict[str, int] = {}
+        for entry in self.files:
+            expected = -(-entry.size // CHUNK_SIZE)
+            if len(entry.chunks) != expected:
+                raise ValueError(
+                    f"file {entry.path!r} of {entry.size} bytes travels in {expected} chunk(s) of at most "
+                    f"{CHUNK_SIZE} bytes, but the manifest lists {len(entry.chunks)}"
+                )
+            for index, chunk in enumerate(entry.chunks):
+                size = min(CHUNK_SIZE, entry.size - index * CHUNK_SIZE)
+                if sizes.setdefault(chunk, size) != size:
+                    raise ValueError(f"chunk {chunk[:12]}… is listed with two different sizes")
+        return sizes
 
     @property
     def total_bytes(self) -> int:

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from edge_agent.protocol.manifest import Manifest
 from edge_agent.protocol.release import Release, SignedEnvelope
 from edge_agent.protocol.samples import SampleBatch, SamplingPolicy
-from edge_agent.protocol.state import DeviceState
+from edge_agent.protocol.state import Availability, DeviceState
 from edge_agent.protocol.telemetry import InferenceReply, Telemetry
 
 MODELS: dict[str, type[BaseModel]] = {
@@ -23,6 +23,7 @@ MODELS: dict[str, type[BaseModel]] = {
     "release": Release,
     "manifest": Manifest,
     "device-state": DeviceState,
+    "availability": Availability,
     "telemetry": Telemetry,
     "inference-reply": InferenceReply,
     "sample-batch": SampleBatch,

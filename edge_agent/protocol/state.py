@@ -14,7 +14,13 @@ UpdateState = Literal[
 
 
 class DeviceState(BaseModel):
-    """Published retained on ``.../devices/{device}/state``; the MQTT last will sets ``online`` false."""
+    """Published retained on ``.../devices/{device}/state`` at every change.
+
+    The broker's last will goes to the availability topic instead (:class:`Availability`), so a
+    crash never erases this document: after one, it still names the active version and the last
+    error, as of ``updated_at``; ``online`` here is what the device last said, and the
+    availability document is the truth about liveness.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
@@ -36,6 +42,26 @@ class DeviceState(BaseModel):
         return self.model_dump_json(by_alias=True).encode()
 
 
-def offline_will(device: str, fleet: str, model: str, updated_at: str) -> bytes:
-    """The last-will payload the broker publishes when the device vanishes."""
-    return DeviceState(device=device, fleet=fleet, online=False, model=model, updated_at=updated_at).to_bytes()
+AVAILABILITY_SCHEMA = "edgeloop.availability/1"
+
+
+class Availability(BaseModel):
+    """Published retained on ``.../devices/{device}/availability``: ``online`` at every connect,
+    ``offline`` at a clean stop, and as the MQTT last will when the device vanishes (crash, power
+    or network loss). For Home Assistant:
+    ``availability_template: "{{ 'online' if value_json.online else 'offline' }}"``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    schema_: Literal["edgeloop.availability/1"] = Field(default=AVAILABILITY_SCHEMA, alias="schema")  # type: ignore[arg-type]
+    device: str
+    fleet: str
+    online: bool
+    at: str | None = Field(
+        description="when the device published this; null in the last will, which the broker publishes "
+        "when it notices the device gone (keepalive × 1.5 at most): the receiver's clock dates it"
+    )
+    connected_at: str = Field(description="when the connection this document is about was set up (agent clock)")
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json(by_alias=True).encode()

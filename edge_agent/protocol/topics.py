@@ -6,7 +6,8 @@ Layout (``{root}`` is ``edgeloop/v1`` unless configured)::
     {root}/{fleet}/groups/{group}/releases/{model}           retained signed release, one group
     {root}/{fleet}/devices/{device}/releases/{model}         retained signed release, one device
     {root}/{fleet}/chunks/{sha256}                           retained artifact chunk, content-addressed
-    {root}/{fleet}/devices/{device}/state                    retained reported state (and last will)
+    {root}/{fleet}/devices/{device}/state                    retained reported state (survives a crash)
+    {root}/{fleet}/devices/{device}/availability             retained online/offline (and the last will)
     {root}/{fleet}/devices/{device}/telemetry                periodic telemetry
     {root}/{fleet}/devices/{device}/infer                    MQTT 5 inference requests (response topic +
                                                              correlation data)
@@ -107,12 +108,22 @@ class Topics:
         topics.append(self.device_release(device, model))
         return topics
 
+    def device_availability(self, device: str) -> str:
+        """Retained ``online``/``offline`` document; the last will goes here, so the state survives a crash."""
+        return f"{self.base}/devices/{check_segment('device', device)}/availability"
+
+    def release_target(self, topic: str) -> tuple[str, str, str] | None:
+        """``(kind, name, model)`` of a release topic (kind ``fleet``, ``group`` or ``device``), else None."""
+        if not topic.startswith(f"{self.base}/"):
+            return None
+        parts = topic[len(self.base) + 1 :].split("/")
+        if len(parts) == 2 and parts[0] == "releases":
+            return "fleet", self.fleet, parts[1]
+        if len(parts) == 4 and parts[0] in ("groups", "devices") and parts[2] == "releases":
+            return parts[0].removesuffix("s"), parts[1], parts[3]
+        return None
+
     def specificity(self, topic: str) -> int:
         """0 for a fleet release topic, 1 for a group, 2 for a device; -1 if it is none of them."""
-        if topic.startswith(f"{self.base}/devices/"):
-            return 2
-        if topic.startswith(f"{self.base}/groups/"):
-            return 1
-        if topic.startswith(f"{self.base}/releases/"):
-            return 0
-        return -1
+        target = self.release_target(topic)
+        return -1 if target is None else {"fleet": 0, "group": 1, "device": 2}[target[0]]
