@@ -82,29 +82,19 @@ class StateWatcher:
     """Prints the agent's reported state as it changes (what a fleet dashboard would show)."""
 
     def __init__(self, host: str, port: int, protocol: str) -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-
         from edge_agent.protocol import Topics
-        from edge_agent.transport import protocol_version
+        from edge_agent.transport import MqttTransport
 
         self.latest: dict[str, Any] = {}
         self._seen: set[tuple[Any, ...]] = set()
         self._lock = threading.Lock()
-        topic = Topics(fleet=FLEET).device_state(DEVICE)
-        self._client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id="demo-watcher",
-            protocol=protocol_version(protocol),
-        )
-        self._client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
-        self._client.on_message = self._on_message
-        self._client.connect(host, port)
-        self._client.loop_start()
+        self._transport = MqttTransport(host=host, port=port, client_id="demo-watcher", protocol=protocol)
+        self._transport.connect()
+        self._transport.subscribe(Topics(fleet=FLEET).device_state(DEVICE), self._on_message)
 
-    def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
+    def _on_message(self, _topic: str, payload: bytes, _retained: bool) -> None:
         try:
-            state = json.loads(msg.payload)
+            state = json.loads(payload)
         except ValueError:
             return
         key = (
@@ -130,8 +120,7 @@ class StateWatcher:
         say(line)
 
     def stop(self) -> None:
-        self._client.loop_stop()
-        self._client.disconnect()
+        self._transport.stop()
 
 
 def wait_ready(port: int, version: int, agent: subprocess.Popen[bytes], timeout_s: float = 180.0) -> None:
