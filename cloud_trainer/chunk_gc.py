@@ -48,7 +48,7 @@ from edge_agent.transport import MqttTransport, TransportError
 
 log = logging.getLogger(__name__)
 
-QUIET_S = 0.3
+QUIET_S = 0.5
 """Default quiet period: a read of retained messages ends after this long without one."""
 TIMEOUT_S = 120.0
 """Default bound on one read of retained messages (listing every chunk of a fleet moves them all)."""

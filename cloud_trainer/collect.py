@@ -101,9 +101,10 @@ class Collector:
     def start(self, *, wait_s: float = 10.0) -> None:
         """Connect and subscribe; raise :class:`BrokerError` if that does not happen within ``wait_s``."""
         try:
-            self._transport.connect(timeout_s=wait_s)
-            # Renewed after every reconnect by the transport; the session may be new.
+            # Routed before connecting: a persistent session's queued batches arrive right after the
+            # CONNACK. Renewed after every reconnect by the transport; the session may be new.
             self._transport.subscribe_messages(self.topic, self._on_message)
+            self._transport.connect(timeout_s=wait_s)
             self._transport.wait_subscribed(self.topic, timeout_s=wait_s)
         except TransportError as exc:
             self._transport.stop()

@@ -26,7 +26,7 @@ from edge_agent.serving import InferenceServer, ServingMetrics
 from edge_agent.serving.mqtt import MqttInference
 from edge_agent.store import ModelStore
 from edge_agent.telemetry import TelemetryPublisher
-from edge_agent.transport import MqttTransport
+from edge_agent.transport import MqttTransport, TransportError
 from edge_agent.updater import StateChange, Updater, load_verified
 from edge_agent.uploader import SampleUploader, SampleWriter
 from edge_agent.watch import HealthWatch
@@ -70,8 +70,10 @@ class Agent:
             client_id=config.mqtt.client_id or f"edge-agent-{config.device_id}",
             keepalive_s=config.mqtt.keepalive_s,
             protocol=config.mqtt.protocol,
-            will=(self._availability_topic, self._availability(online=False, at=None)),
+            will=(self._availability_topic, self._offline_will),
             security=MqttSecurity.from_config(config.mqtt),
+            # Nothing larger than a chunk or an inference request reaches this process's memory.
+            max_packet_bytes=max(256 * 1024, config.http.max_body_bytes + 64 * 1024),
         )
         fetcher = ChunkFetcher(
             transport=self.transport,
@@ -161,19 +163,21 @@ class Agent:
             self.transport.subscribe(self.topics.fleet_sampling(self.config.model), self._on_policy)
             self.transport.subscribe(self.topics.device_sampling(self.config.device_id), self._on_policy)
         self.transport.on_connected(self._republish_state)
-        for topic in self.topics.release_topics_for(
-            device=self.config.device_id, group=self.config.group, model=self.config.model
-        ):
-            self.transport.subscribe(topic, self.updater.submit)
+        self.transport.on_connected(self._release_snapshot)
+        for topic in self.updater.release_topics:
+            self.transport.subscribe(topic, self.updater.submit, on_refused=self._release_refused)
         self.transport.start()
 
     def stop(self) -> None:
         with self._state_lock:
             self._state = self._state.model_copy(update={"online": False, "updated_at": _now()})
-        infos = [self._publish_state(), self._publish_availability(online=False)]
-        for info in infos:
-            if info is not None:
-                info.wait_for_publish(timeout=2.0)
+        try:
+            infos = [self._publish_state(), self._publish_availability(online=False)]
+            for info in infos:
+                if info is not None:
+                    info.wait_for_publish(timeout=2.0)
+        except (TransportError, RuntimeError, ValueError) as exc:  # the connection went first
+            log.warning("could not say goodbye on MQTT: %s", exc)
         self.telemetry.stop()
         self.updater.stop()
         self.server.stop()
@@ -259,9 +263,32 @@ class Agent:
 
     def _republish_state(self) -> None:
         """After every (re)connect: availability says online again; the state may have changed meanwhile."""
-        self._connected_at = _now()
         self._publish_availability(online=True)
         self._publish_state()
+
+    def _offline_will(self) -> bytes:
+        """The last will, built before every connect attempt: ``connected_at`` is that attempt."""
+        self._connected_at = _now()
+        return self._availability(online=False, at=None)
+
+    def _release_snapshot(self) -> None:
+        """After every (re)connect the broker delivers every retained release again: the updater
+        judges them together once the subscriptions are granted (waited for off the network thread)."""
+        self.updater.begin_snapshot()
+
+        def settle() -> None:
+            try:
+                for topic in self.updater.release_topics:
+                    self.transport.wait_subscribed(topic, timeout_s=10)
+            except TransportError as exc:
+                log.warning("release subscriptions not confirmed: %s", exc)
+                return  # the updater's snapshot cap takes over
+            self.updater.end_snapshot()
+
+        threading.Thread(target=settle, name="release-snapshot", daemon=True).start()
+
+    def _release_refused(self, topic: str, reason: str) -> None:
+        self._set_state(last_error=f"the broker refused the subscription to {topic}: {reason} (check its ACL)")
 
     def _availability(self, *, online: bool, at: str | None) -> bytes:
         cfg = self.config

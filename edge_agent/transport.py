@@ -72,6 +72,23 @@ def set_nodelay(sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def filter_problem(topic_filter: str) -> str | None:
+    """What makes ``topic_filter`` invalid under MQTT's rules, or None."""
+    if topic_filter.startswith("$share/"):
+        parts = topic_filter.split("/", 2)
+        if len(parts) < 3 or not parts[1] or not parts[2] or "+" in parts[1] or "#" in parts[1]:
+            return "a shared subscription is $share/<group>/<filter>"
+    levels = _delivered_as(topic_filter).split("/")
+    if not topic_filter or len(topic_filter.encode()) > 65535 or "\x00" in topic_filter:
+        return "empty, NUL or over 65535 bytes"
+    for index, level in enumerate(levels):
+        if "#" in level and (level != "#" or index != len(levels) - 1):
+            return "'#' must be a whole level, the last one"
+        if "+" in level and level != "+":
+            return "'+' must be a whole level"
+    return None
+
+
 def _delivered_as(topic_filter: str) -> str:
     """The filter messages of a subscription arrive under: a shared one (``$share/<group>/<filter>``)
     delivers on topics matching ``<filter>``."""
@@ -89,13 +106,16 @@ class MqttTransport:
         client_id: MQTT client id; unique per connection the broker should tell apart.
         keepalive_s: keepalive interval.
         protocol: ``"5"`` or ``"3.1.1"``.
-        will: ``(topic, payload)`` published retained by the broker if this client vanishes.
+        will: ``(topic, payload)`` published retained by the broker if this client vanishes; the
+            payload may be a function, called before every connect attempt (a fresh timestamp).
         security: TLS and credentials (:class:`MqttSecurity`); plain TCP without credentials if ``None``.
         persistent_session: keep the broker-side session (and what is queued for it) across
             disconnects: ``clean_start`` false, with ``session_expiry_s`` on MQTT 5.
         session_expiry_s: MQTT 5 session expiry for a persistent session.
         manual_ack: acknowledge QoS 1 messages only when :meth:`ack` is called.
         max_inflight: QoS 1 messages in flight at once.
+        max_packet_bytes: MQTT 5 Maximum Packet Size: the broker sends nothing larger (it never
+            reaches memory here); 0 for no limit.
     """
 
     def __init__(
@@ -106,12 +126,13 @@ class MqttTransport:
         client_id: str,
         keepalive_s: int = 30,
         protocol: str = "5",
-        will: tuple[str, bytes] | None = None,
+        will: tuple[str, bytes | Callable[[], bytes]] | None = None,
         security: MqttSecurity | None = None,
         persistent_session: bool = False,
         session_expiry_s: int = 0,
         manual_ack: bool = False,
         max_inflight: int = 20,
+        max_packet_bytes: int = 0,
     ) -> None:
         self.host = host
         self.port = port
@@ -120,6 +141,7 @@ class MqttTransport:
         self._protocol = protocol
         self._persistent = persistent_session
         self._session_expiry_s = session_expiry_s
+        self._max_packet_bytes = max_packet_bytes
         self._lock = threading.Lock()
         self._suback = threading.Condition(self._lock)
         self._granted: set[str] = set()  # topics whose latest SUBACK granted them
@@ -144,7 +166,14 @@ class MqttTransport:
         self._client.max_queued_messages_set(10_000)
         self._client.max_inflight_messages_set(max_inflight)
         if will is not None:
-            self._client.will_set(will[0], will[1], qos=1, retain=True)
+            will_topic, will_payload = will
+            if callable(will_payload):
+                make = will_payload
+                self._client.on_pre_connect = lambda _c, _u: self._client.will_set(
+                    will_topic, make(), qos=1, retain=True
+                )
+                will_payload = make()
+            self._client.will_set(will_topic, will_payload, qos=1, retain=True)
         if security is not None:
             security.apply(self._client)
         self._client.on_socket_open = lambda _c, _u, sock: set_nodelay(sock)
@@ -159,9 +188,12 @@ class MqttTransport:
         if self._protocol != "5":
             return {}
         kwargs: dict[str, Any] = {"clean_start": not self._persistent}
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         if self._persistent and self._session_expiry_s:
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = self._session_expiry_s
+        if self._max_packet_bytes:
+            props.MaximumPacketSize = self._max_packet_bytes
+        if not props.isEmpty():  # type: ignore[no-untyped-call]
             kwargs["properties"] = props
         return kwargs
 
@@ -249,6 +281,10 @@ class MqttTransport:
         qos: int,
         on_refused: RefusedHandler | None,
     ) -> None:
+        problem = filter_problem(topic)
+        if problem is not None:  # checked here: paho would raise it on its network thread at the next connect
+            raise TransportError(f"{topic!r} is not a valid MQTT topic filter: {problem}")
+
         def guarded(client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
             try:
                 callback(client, userdata, message)
@@ -272,7 +308,11 @@ class MqttTransport:
     def _send_subscribe(self, subs: list[tuple[str, int]]) -> list[Callable[[], None]]:
         """SUBSCRIBE, remembering which topics the SUBACK answers; call with ``_lock`` held and run
         the returned calls (refusal handlers) after releasing it."""
-        rc, mid = self._client.subscribe(subs)
+        try:
+            rc, mid = self._client.subscribe(subs)
+        except ValueError as exc:  # checked in _add_route; never let it reach paho's network thread
+            rc, mid = mqtt.MQTT_ERR_INVAL, None
+            log.error("paho refused a subscription: %s", exc)
         if rc == mqtt.MQTT_ERR_NO_CONN:
             return []  # renewed by _on_connect
         if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
@@ -399,11 +439,13 @@ class MqttTransport:
         self._client.ack(message.mid, message.qos)
 
     def _on_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, reason: ReasonCode, _props: Any) -> None:
-        if reason.is_failure or reason.value == NO_MATCHING_SUBSCRIBERS:
-            with self._lock:
+        with self._lock:
+            if reason.is_failure or reason.value == NO_MATCHING_SUBSCRIBERS:
                 self._refusals[mid] = reason
                 while len(self._refusals) > 1000:  # telemetry nobody subscribes to lands here too
                     self._refusals.popitem(last=False)
+            else:
+                self._refusals.pop(mid, None)  # a reused mid: an old refusal must not stick to it
 
     # -- paho callbacks ---------------------------------------------------------------------------
     def _on_connect(

@@ -54,6 +54,7 @@ class TopicRecord(BaseModel):
     sequence: int = Field(ge=0)
     payload_sha256: str | None = Field(default=None, description="of the signed envelope; None after a migration")
     withdrawn: bool = Field(default=False, description="the cloud cleared this topic since")
+    refused: bool = Field(default=False, description="its bundle was refused: a redelivery is not fetched again")
 
 
 class UpdateRecord(BaseModel):
@@ -74,6 +75,9 @@ class TrustState(BaseModel):
     rolled_back: list[int] = Field(default_factory=list)
     previous_version: int | None = None
     update: UpdateRecord | None = None
+    health_crashes: dict[int, int] = Field(
+        default_factory=dict, description="version -> crashes during its health check (a crash loop is refused)"
+    )
 
 
 class TrustStore:
@@ -111,7 +115,7 @@ class TrustStore:
         if problems:
             self.problem = "; ".join(problems)
         if found:
-            state = max(found, key=lambda s: s.revision)
+            state = _merge(found)
             if problems:
                 self.problem = f"{self.problem}; recovered revision {state.revision} from the other copy"
                 log.error("trust state: %s", self.problem)
@@ -145,12 +149,35 @@ class TrustStore:
         self.save()
 
 
+def _merge(copies: list[TrustState]) -> TrustState:
+    """The newest copy, with the protection of every copy: the highest floor and per-topic
+    sequence, every rolled-back version. Whatever the revisions say, nothing is lowered."""
+    state = max(copies, key=lambda s: s.revision).model_copy(deep=True)
+    for other in copies:
+        state.floor = max(state.floor, other.floor)
+        state.rolled_back = sorted({*state.rolled_back, *other.rolled_back})
+        for topic, record in other.topics.items():
+            mine = state.topics.get(topic)
+            if mine is None or record.sequence > mine.sequence:
+                state.topics[topic] = record.model_copy()
+        for version, crashes in other.health_crashes.items():
+            state.health_crashes[version] = max(crashes, state.health_crashes.get(version, 0))
+    return state
+
+
+_OLD_KEYS = {"sequences", "previous_version", "rolled_back", "update"}
+
+
 def _parse(data: bytes) -> TrustState:
     try:
         raw = json.loads(data)
     except (ValueError, RecursionError) as exc:
         raise ValueError(f"not JSON: {exc}") from None
-    if isinstance(raw, dict) and "schema" not in raw and ("sequences" in raw or not raw):
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError("not a JSON object with the trust state")
+    if "schema" not in raw:
+        if not set(raw) <= _OLD_KEYS:
+            raise ValueError(f"no schema, and not the state of an older agent (keys {', '.join(sorted(raw))})")
         return _migrate(raw)
     try:
         return TrustState.model_validate(raw)

@@ -26,15 +26,16 @@ between the switch and the final state write: the active pointer is the truth.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import queue
 import shutil
 import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -93,16 +94,29 @@ class Rollback:
 
 
 @dataclass(frozen=True)
-class _Message:
-    topic: str
-    payload: bytes
+class _Work:
+    messages: list[tuple[str, bytes]] = field(default_factory=list)
+    in_snapshot: bool = False
+    rollback: Rollback | None = None
+    retry: bool = False
 
 
 @dataclass(frozen=True)
 class _Desired:
     topic: str
     release: Release
+    payload: bytes
     digest: str  # sha256 of the signed envelope
+    refused: bool = False  # its bundle was refused: it still shadows, but is not fetched again
+
+
+SNAPSHOT_QUIET_S = 0.3
+"""After the broker granted the release subscriptions, the retained snapshot is complete once no
+release message has come for this long."""
+SNAPSHOT_CAP_S = 10.0
+"""A snapshot is evaluated after this long whatever happens (a SUBACK that never came)."""
+HEALTH_CHECK_CRASHES = 2
+"""A version whose health check was cut short by this many crashes is refused (a crash loop)."""
 
 
 def load_verified(bundle_dir: Path, config: AgentConfig) -> Classifier:
@@ -123,6 +137,13 @@ def load_verified(bundle_dir: Path, config: AgentConfig) -> Classifier:
 
 class Updater:
     """Runs updates for one model on a worker thread.
+
+    Messages are coalesced per topic: the MQTT thread records the latest payload of each release
+    topic and marks it dirty; the worker evaluates dirty topics most specific first, so a burst of
+    messages (the retained snapshot after a (re)connect, a replay flood) is judged as one state.
+    After every (re)connect (:meth:`begin_snapshot`) nothing is evaluated until the broker has
+    granted the release subscriptions and delivered what it retains (:meth:`end_snapshot` plus a
+    quiet period): a topic that delivered nothing was cleared while the device was away.
 
     Args:
         config: the agent's config.
@@ -153,15 +174,24 @@ class Updater:
         self._report = report
         self._on_activated = on_activated
         self._topics = Topics(fleet=config.fleet, root=config.mqtt.topic_root)
-        self._queue: queue.Queue[_Message | Rollback | None] = queue.Queue(maxsize=64)
+        self.release_topics = self._topics.release_topics_for(
+            device=config.device_id, group=config.group, model=config.model
+        )
         self.trust = TrustStore(store.root)
         self._desired: dict[int, _Desired] = {}  # by specificity: 0 fleet, 1 group, 2 device
         self._retry: tuple[float, str, int] | None = None  # (due, digest of the release, attempt)
         self._attempts: dict[str, int] = {}
         self._cancel = threading.Event()
-        self._inflight_lock = threading.Lock()
+        # Shared with the MQTT thread, guarded by _cond:
+        self._cond = threading.Condition()
+        self._heard: dict[str, bytes] = {}  # the latest payload per release topic
+        self._dirty: set[str] = set()
+        self._rollbacks: list[Rollback] = []
         self._inflight: tuple[str, bytes, int] | None = None  # (topic, payload, specificity) being applied
-        self._heard: dict[str, bytes] = {}  # the latest payload per topic, as the MQTT thread saw it
+        self._snapshot: dict[str, float] | None = None  # opened, granted, last (monotonic); None: closed
+        self._snapshot_seen: set[str] = set()
+        self._snapshot_ready = False
+        self._stopping = False
         self._failpoint = os.environ.get(FAILPOINT_ENV, "").removeprefix("crash-after:")
         self._thread = threading.Thread(target=self._run, name="updater", daemon=True)
         self.idle = threading.Event()
@@ -172,8 +202,10 @@ class Updater:
         self._thread.start()
 
     def stop(self) -> None:
-        self._cancel.set()
-        self._queue.put(None)
+        with self._cond:
+            self._stopping = True
+            self._cancel.set()
+            self._cond.notify_all()
         self._thread.join(timeout=10)
 
     @property
@@ -181,123 +213,203 @@ class Updater:
         """What was wrong with the persisted trust state at start-up (None if nothing)."""
         return self.trust.locked or self.trust.problem
 
-    def submit(self, topic: str, payload: bytes, _retained: bool = True) -> None:
-        """Queue a release message (called on the MQTT thread); an empty one withdraws that topic's release."""
-        level = self._topics.specificity(topic)
-        with self._inflight_lock:
-            inflight = self._inflight
-            changed = self._heard.get(topic) != payload
-            self._heard[topic] = payload
-        if inflight is not None and changed:
-            busy_topic, busy_payload, busy_level = inflight
-            if (topic == busy_topic and payload != busy_payload) or level > busy_level:
-                log.info("a new message on %s cancels the update in progress", topic)
-                self._cancel.set()
-        try:
-            self.idle.clear()
-            self._queue.put_nowait(_Message(topic, payload))
-        except queue.Full:
-            log.warning("release queue full; dropping a message on %s (it is retained and comes again)", topic)
-
     @property
     def previous_version(self) -> int | None:
         return self.trust.state.previous_version
+
+    # -- the MQTT side (network thread) -------------------------------------------------------------
+    def begin_snapshot(self) -> None:
+        """A (re)connect: the broker is about to deliver every retained release again."""
+        with self._cond:
+            now = time.monotonic()
+            self._snapshot = {"opened": now, "granted": 0.0, "last": now}
+            self._snapshot_seen = set()
+            self.idle.clear()
+            self._cond.notify_all()
+
+    def end_snapshot(self) -> None:
+        """The broker granted the release subscriptions: what it retains follows right away."""
+        with self._cond:
+            if self._snapshot is not None:
+                self._snapshot["granted"] = time.monotonic()
+                self._cond.notify_all()
+
+    def submit(self, topic: str, payload: bytes, _retained: bool = True) -> None:
+        """Record a release message (called on the MQTT thread); an empty one withdraws that topic's release."""
+        level = self._topics.specificity(topic)
+        if level < 0 or topic not in self.release_topics:
+            log.warning("ignored a message on %s: not one of this device's release topics", topic)
+            return
+        with self._cond:
+            changed = self._heard.get(topic) != payload
+            self._heard[topic] = payload
+            self._dirty.add(topic)
+            if self._snapshot is not None:
+                self._snapshot_seen.add(topic)
+                self._snapshot["last"] = time.monotonic()
+            if self._inflight is not None and changed:
+                busy_topic, _busy_payload, busy_level = self._inflight
+                if topic == busy_topic or level > busy_level:
+                    log.info("a new message on %s cancels the update in progress", topic)
+                    self._cancel.set()
+            self.idle.clear()
+            self._cond.notify_all()
+
+    def request_rollback(self, version: int, reason: str) -> None:
+        """Roll ``version`` back to the previous one, on the worker thread (the watch window calls this)."""
+        with self._cond:
+            self._rollbacks.append(Rollback(version, reason))
+            self.idle.clear()
+            self._cond.notify_all()
 
     # -- start-up ---------------------------------------------------------------------------------
     def reconcile(self) -> None:
         """Make the persisted state agree with the active pointer after a crash; call before serving.
 
-        A crash after the switch to a new version but before "active" was saved leaves the update
-        record at ``health-checking`` for the version now active: the switch happened, so it is
-        recorded as done (and watched again). A crash in the middle of a rollback finishes it.
+        - ``health-checking`` for the version now active: the switch happened just before the
+          crash; it is recorded as done (and watched again).
+        - ``health-checking`` for a version that is not active: the health check itself was cut
+          short. Once is bad luck; a version that does it twice crash-loops the agent and is refused.
+        - ``rolling-back``: the rollback is finished.
         """
         state = self.trust.state
         update = state.update
         if update is None or update.version is None:
             return
         active = self._store.active_version()
-        if update.state == "health-checking" and active == update.version:
+        version = update.version
+        if update.state == "health-checking" and active == version:
             state.previous_version = update.previous
             state.update = UpdateRecord(state="active", version=active)
             self.trust.save()
             log.warning("v%s became active just before a crash; recorded it as active", active)
             self._report(StateChange("active", active, active=active))
             self._on_activated(active)
+        elif update.state == "health-checking":
+            crashes = state.health_crashes.get(version, 0) + 1
+            state.health_crashes[version] = crashes
+            if crashes >= HEALTH_CHECK_CRASHES:
+                state.rolled_back = sorted({*state.rolled_back, version})
+                state.update = UpdateRecord(state="rejected", version=version)
+                reason = f"v{version} crashed the agent {crashes} times during its health check; refused"
+                log.error("%s", reason)
+                self._report(StateChange("rejected", version, error=reason))
+            self.trust.save()
         elif update.state == "rolling-back":
             target = update.previous
-            if active == update.version and target is not None and target in self._store.installed_versions():
+            if active == version and target is not None and target in self._store.installed_versions():
                 self._store.activate(target)
-            state.previous_version = update.version
-            state.update = UpdateRecord(state="rolled-back", version=update.version)
+            state.previous_version = version
+            state.update = UpdateRecord(state="rolled-back", version=version)
             self.trust.save()
-            log.warning("finished the rollback of v%s interrupted by a crash", update.version)
+            log.warning("finished the rollback of v%s interrupted by a crash", version)
             self._report(
                 StateChange(
                     "rolled-back",
-                    update.version,
-                    error=f"v{update.version} rolled back (completed after a restart)",
+                    version,
+                    error=f"v{version} rolled back (completed after a restart)",
                     active=self._store.active_version(),
                 )
             )
 
     # -- the worker -------------------------------------------------------------------------------
     def _run(self) -> None:
-        while True:
-            timeout = None if self._retry is None else max(0.0, self._retry[0] - time.monotonic())
-            try:
-                item = self._queue.get(timeout=timeout)
-            except queue.Empty:
+        while (work := self._next_work()) is not None:
+            if work.rollback is not None:
+                self._guard(partial(self._rollback, work.rollback))
+            elif work.retry:
                 self._guard(self._retry_due)
-                continue
-            if item is None:
-                return
-            if isinstance(item, Rollback):
-                self._guard(lambda item=item: self._rollback(item))  # type: ignore[misc]
             else:
-                self._guard(lambda item=item: self._on_message(item.topic, item.payload))  # type: ignore[misc]
+                for topic, payload in work.messages:
+                    self._guard(partial(self._on_message, topic, payload, work.in_snapshot))
+                self._guard(self._apply_desired)
+
+    def _next_work(self) -> _Work | None:
+        """Wait for the next thing to do: a rollback, a settled snapshot, dirty topics or a due retry."""
+        with self._cond:
+            while not self._stopping:
+                if self._rollbacks:
+                    return _Work(rollback=self._rollbacks.pop(0))
+                wait = self._snapshot_wait()
+                if wait is None and self._snapshot_ready:
+                    self._snapshot_ready = False
+                    for topic in self.release_topics:  # a topic silent in the snapshot was cleared
+                        if topic not in self._snapshot_seen:
+                            self._heard[topic] = b""
+                    self._dirty.clear()
+                    device_first = reversed(self.release_topics)
+                    return _Work(messages=[(t, self._heard.get(t, b"")) for t in device_first], in_snapshot=True)
+                if wait is None and self._dirty:
+                    topics = sorted(self._dirty, key=self._topics.specificity, reverse=True)
+                    self._dirty.clear()
+                    return _Work(messages=[(t, self._heard[t]) for t in topics])
+                if wait is None and self._retry is not None:
+                    wait = self._retry[0] - time.monotonic()
+                    if wait <= 0:
+                        return _Work(retry=True)
+                if self._snapshot is None and not self._dirty:
+                    self.idle.set()
+                self._cond.wait(wait)
+        return None
+
+    def _snapshot_wait(self) -> float | None:
+        """Seconds until the open snapshot settles (None once it has: ``_snapshot_ready``); hold ``_cond``."""
+        snap = self._snapshot
+        if snap is None:
+            return None
+        due = snap["opened"] + SNAPSHOT_CAP_S
+        if snap["granted"]:
+            due = min(due, max(snap["granted"], snap["last"]) + SNAPSHOT_QUIET_S)
+        wait = due - time.monotonic()
+        if wait > 0:
+            return wait
+        self._snapshot = None
+        self._snapshot_ready = True
+        return None
 
     def _guard(self, step: Callable[[], None]) -> None:
         try:
             step()
         except UpdateRefused as exc:
             log.warning("update refused: %s", exc)
+        except OSError as exc:
+            log.error("update failed on a storage error: %s", exc)
+            self._report(StateChange("idle", None, error=f"storage error: {exc}"))
         except Exception as exc:
             log.exception("update failed")
             self._report(StateChange("rejected", None, error=f"internal error: {type(exc).__name__}: {exc}"))
-        finally:
-            if self._queue.empty():
-                self.idle.set()
-
-    def request_rollback(self, version: int, reason: str) -> None:
-        """Roll ``version`` back to the previous one, on the worker thread (the watch window calls this)."""
-        self._queue.put(Rollback(version, reason))
 
     # -- desired state ----------------------------------------------------------------------------
-    def _on_message(self, topic: str, payload: bytes) -> None:
+    def _on_message(self, topic: str, payload: bytes, in_snapshot: bool) -> None:
         level = self._topics.specificity(topic)
-        if level < 0:
-            log.warning("ignored a message on %s: not a release topic", topic)
-            return
         if not payload:
             self._withdraw(topic, level)
             return
+        state = self.trust.state
+        digest = sha256_bytes(payload)
+        record = state.topics.get(topic)
+        current = self._desired.get(level)
+        if current is not None and current.digest == digest:
+            return  # the same retained release again (a reconnect): nothing new
+        if record is not None and record.refused and record.payload_sha256 == digest and not self.trust.locked:
+            with contextlib.suppress(ProtocolError):  # accepted once, so it verifies; rebuilt from the bytes
+                release = open_release(payload, self._trusted)
+                self._desired[level] = _Desired(topic, release, payload, digest, refused=True)
+                log.info("release v%s on %s was refused before; not fetched again", release.version, topic)
+                return
         if self.trust.locked:
             raise self._refuse(None, f"release on {topic} refused: {self.trust.locked}")
         try:
             release = open_release(payload, self._trusted)
         except ProtocolError as exc:
             raise self._refuse(None, f"release on {topic} refused: {exc}") from None
-        digest = sha256_bytes(payload)
-        self._check_release(topic, level, release, digest)
-        state = self.trust.state
+        self._check_release(topic, level, release, digest, in_snapshot=in_snapshot)
         state.topics[topic] = TopicRecord(sequence=release.sequence, payload_sha256=digest)
         state.floor = max(state.floor, release.sequence)
         self.trust.save()
-        self._desired[level] = _Desired(topic, release, digest)
-        if level < max(self._desired):
+        self._desired[level] = _Desired(topic, release, payload, digest)
+        if any(other > level for other in self._desired):
             log.info("release v%s on %s is shadowed by a more specific release", release.version, topic)
-            return
-        self._apply_desired()
 
     def _withdraw(self, topic: str, level: int) -> None:
         record = self.trust.state.topics.get(topic)
@@ -311,11 +423,8 @@ class Updater:
         log.info("release v%s on %s withdrawn", dropped.release.version, topic)
         if self._retry is not None and self._retry[1] == dropped.digest:
             self._retry = None
-        if self._desired:
-            self._apply_desired()
-        else:
-            active = self._store.active_version()
-            self._report(StateChange("idle", active, error=f"release v{dropped.release.version} on {topic} withdrawn"))
+        active = self._store.active_version()
+        self._report(StateChange("idle", active, error=f"release v{dropped.release.version} on {topic} withdrawn"))
         self._drop_unused_chunks()
 
     def _apply_desired(self) -> None:
@@ -324,40 +433,62 @@ class Updater:
             return
         desired = self._desired[max(self._desired)]
         release = desired.release
-        if release.version == self._store.active_version():
+        if desired.refused or release.version == self._store.active_version():
             self._retry = None
             return
-        if release.version in self.trust.state.rolled_back:
-            raise self._refuse(
-                release.version, f"v{release.version} was rolled back on this device; push a new version"
-            )
-        if release.is_expired():
-            raise self._refuse(release.version, f"release expired at {release.expires_at.isoformat()}")
+        try:
+            if release.version in self.trust.state.rolled_back:
+                raise self._refuse(
+                    release.version, f"v{release.version} was rolled back on this device; push a new version"
+                )
+            if release.is_expired():
+                raise self._refuse(release.version, f"release expired at {release.expires_at.isoformat()}")
+        except UpdateRefused:
+            self._mark_refused(desired)
+            raise
         if not in_canary(
             fleet=self._config.fleet, device=self._config.device_id, model=release.model, percent=release.canary_percent
         ):
             log.info("release v%s is a %s%% canary this device is not in", release.version, release.canary_percent)
             return
-        with self._inflight_lock:
-            level = self._topics.specificity(desired.topic)
-            self._inflight = (desired.topic, self._heard.get(desired.topic, b""), level)
+        with self._cond:
+            if self._dirty or self._rollbacks or self._snapshot is not None or self._snapshot_ready:
+                return  # newer messages first; the worker comes back here after them
+            self._inflight = (desired.topic, desired.payload, self._topics.specificity(desired.topic))
             self._cancel.clear()
         try:
             self._apply(release)
             self._retry = None
             self._attempts.pop(desired.digest, None)
-        except UpdateDeferred as exc:
+        except (UpdateDeferred, OSError) as exc:
             self._schedule_retry(desired.digest, str(exc))
         except UpdateCancelled as exc:
             log.info("update to v%s cancelled: %s", release.version, exc)
             self._retry = None
+            self.trust.state.update = UpdateRecord(state="idle", version=None)
+            self.trust.save()
+            self._report(StateChange("idle", None, error=f"update to v{release.version} cancelled: {exc}"))
         except UpdateRefused:
             self._retry = None
+            self._mark_refused(desired)
             self._store.drop_chunks(self._chunks_of_installed())  # what the refused release brought
             raise
         finally:
-            with self._inflight_lock:
+            with self._cond:
                 self._inflight = None
+
+    def _mark_refused(self, desired: _Desired) -> None:
+        """Remember that this exact release was refused: a redelivery is not fetched again, and it
+        keeps shadowing less specific releases (what runs keeps running)."""
+        level = self._topics.specificity(desired.topic)
+        if self._desired.get(level) == desired:
+            self._desired[level] = _Desired(desired.topic, desired.release, desired.payload, desired.digest, True)
+        state = self.trust.state
+        record = state.topics.get(desired.topic)
+        if record is not None and record.payload_sha256 == desired.digest:
+            record.refused = True
+        state.update = UpdateRecord(state="rejected", version=desired.release.version)
+        self.trust.save()
 
     def _schedule_retry(self, digest: str, reason: str) -> None:
         attempt = self._attempts.get(digest, 0) + 1
@@ -376,7 +507,7 @@ class Updater:
             return
         self._apply_desired()
 
-    def _check_release(self, topic: str, level: int, release: Release, digest: str) -> None:
+    def _check_release(self, topic: str, level: int, release: Release, digest: str, *, in_snapshot: bool) -> None:
         cfg = self._config
         if release.fleet != cfg.fleet or release.model != cfg.model:
             raise self._refuse(release.version, f"release is for {release.fleet}/{release.model}, not this device")
@@ -388,10 +519,6 @@ class Updater:
                 f"release targets {target.kind} {target.name!r} model {release.model!r} but arrived on {topic} "
                 f"({kind} {name!r} model {model!r}): replayed on another topic, refused",
             )
-        if (target.kind == "device" and target.name != cfg.device_id) or (
-            target.kind == "group" and target.name != cfg.group
-        ):
-            raise self._refuse(release.version, f"release targets {target.kind} {target.name!r}, not this device")
         state = self.trust.state
         record = state.topics.get(topic)
         redelivery = (
@@ -407,7 +534,9 @@ class Updater:
                     f"release sequence {release.sequence} on {topic} is not above {record.sequence}, "
                     f"{'withdrawn' if record.withdrawn else 'accepted'} there before (replay or rollback refused)",
                 )
-            shadowed = any(other > level for other in self._desired)
+            # Below the floor only inside the retained snapshot, and only while shadowed: the current,
+            # older release of a less specific topic (a fleet release under a device pin).
+            shadowed = in_snapshot and any(other > level for other in self._desired)
             if not shadowed and release.sequence <= state.floor:
                 raise self._refuse(
                     release.version,
@@ -504,9 +633,12 @@ class Updater:
         version = release.version
         web: HttpChunkFetcher | None = None
         if release.artifact_url:
-            web = HttpChunkFetcher(
-                base_url=release.artifact_url, store=self._store, timeout_s=self._config.update.chunk_timeout_s
-            )
+            try:
+                web = HttpChunkFetcher(
+                    base_url=release.artifact_url, store=self._store, timeout_s=self._config.update.chunk_timeout_s
+                )
+            except (HttpFetchError, ValueError) as exc:
+                raise self._refuse(version, f"artifact_url {release.artifact_url!r} is not usable: {exc}") from None
             transferred = self._over_http(
                 version, lambda: web.fetch_manifest(release.manifest_sha256, release.manifest_size)
             )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from edge_agent.trust import BACKUP, PRIMARY, TopicRecord, TrustStore
 
 
@@ -90,3 +92,44 @@ def test_the_state_of_an_older_agent_is_migrated_with_its_highest_sequence(tmp_p
     assert trust.state.floor == 6
     assert trust.state.topics["a/releases/m"].sequence == 4
     assert (trust.state.previous_version, trust.state.rolled_back) == (1, [2])
+
+
+def test_an_empty_or_schemaless_document_is_corrupt_not_a_fresh_start(tmp_path: Path) -> None:
+    for content in (b"{}", b"null", b'{"floor": 7}'):
+        for name in (PRIMARY, BACKUP):
+            (tmp_path / name).write_bytes(content)
+        assert TrustStore(tmp_path).locked is not None, content
+
+
+def test_no_copy_lowers_the_protection_of_another(tmp_path: Path) -> None:
+    trust = _saved(tmp_path, 8, rolled_back=[2])
+    newer_but_weaker = trust.state.model_copy(update={"revision": 99, "floor": 3, "rolled_back": [], "topics": {}})
+    (tmp_path / PRIMARY).write_text(newer_but_weaker.model_dump_json(by_alias=True))  # e.g. written after a downgrade
+    merged = TrustStore(tmp_path).state
+    assert (merged.floor, merged.rolled_back, merged.revision) == (8, [2], 99)
+    assert merged.topics["t/releases/m"].sequence == 8
+
+
+def test_reset_trust_unlocks_a_locked_device_and_refuses_to_touch_a_healthy_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cloud_trainer.signing import generate_keypair
+    from edge_agent.cli import main
+
+    _, public = generate_keypair(tmp_path / "keys")
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'device_id = "d"\nfleet = "f"\nmodel = "m"\nstate_dir = "{tmp_path / "state"}"\n\n'
+        f'[update]\ntrusted_keys = ["{public}"]\n'
+    )
+    root = tmp_path / "state" / "models" / "m"
+    _saved(root, 4)
+    assert main(["reset-trust", "--config", str(config), "--floor", "9"]) == 1  # readable: left alone
+    assert "nothing to reset" in capsys.readouterr().err
+    for name in (PRIMARY, BACKUP):
+        (root / name).write_bytes(b"\xff\xfe")
+    assert TrustStore(root).locked is not None
+    assert main(["reset-trust", "--config", str(config), "--floor", "9"]) == 0
+    assert "sequence floor 9" in capsys.readouterr().out
+    fresh = TrustStore(root)
+    assert (fresh.locked, fresh.state.floor) == (None, 9)

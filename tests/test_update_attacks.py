@@ -37,6 +37,14 @@ def held_chunks(tmp_path: Path) -> set[str]:
     return {p.name for p in (tmp_path / "state" / "chunks").iterdir()}
 
 
+def wait_held_chunks(tmp_path: Path, expected: set[str], timeout_s: float = 10.0) -> None:
+    """The refusal is reported first, then the refused release's chunks are deleted."""
+    deadline = time.monotonic() + timeout_s
+    while held_chunks(tmp_path) != expected:
+        assert time.monotonic() < deadline, f"held {held_chunks(tmp_path) - expected} beyond {expected}"
+        time.sleep(0.05)
+
+
 def test_a_release_replayed_on_another_topic_or_below_the_floor_is_refused(
     tmp_path: Path, mosquitto: LocalBroker, fleet: str, keys: Keys,
     agent_process: Callable[..., AgentProcess], state_listener: StateListener,
@@ -127,7 +135,7 @@ def test_amplified_and_oversize_manifests_are_refused_before_fetching(
     state = state_listener.wait_for(rejected(2))
     assert f"of {entry['size']} bytes travels in 1 chunk(s)" in state["last_error"]
     assert "lists 301" in state["last_error"]
-    assert held_chunks(tmp_path) == before  # not one chunk fetched, and the manifest deleted again
+    wait_held_chunks(tmp_path, before)  # not one chunk fetched, and the manifest deleted again
 
     # A chunk whose bytes match its id but not the size the manifest declares (and over the limit).
     seen = len(state_listener.states)
@@ -148,7 +156,7 @@ def test_amplified_and_oversize_manifests_are_refused_before_fetching(
     state = state_listener.wait_for(rejected(3), since=seen)
     assert f"is {len(oversize)} bytes, the manifest says 193" in state["last_error"]
     assert "retry" not in state["last_error"]  # refused, not deferred
-    assert held_chunks(tmp_path) == before  # the refused release's chunks are deleted
+    wait_held_chunks(tmp_path, before)  # the refused release's chunks are deleted
     assert_still_serves_v1(serving_v1)
 
 

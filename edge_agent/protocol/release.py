@@ -23,7 +23,7 @@ from typing import Literal
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from edge_agent.protocol.errors import MalformedPayload, SignatureError
 from edge_agent.protocol.manifest import Sha256, _first_error
@@ -52,8 +52,8 @@ class Release(BaseModel):
     sequence: int = Field(ge=1, description="grows with every release a key signs; lower ones are refused")
     manifest_sha256: Sha256
     manifest_size: int = Field(gt=0)
-    issued_at: datetime
-    expires_at: datetime
+    issued_at: AwareDatetime
+    expires_at: AwareDatetime
     artifact_url: str | None = Field(
         default=None,
         pattern=r"^https?://[^\s]+$",
@@ -124,7 +124,7 @@ def open_release(message: bytes, trusted: Mapping[str, Ed25519PublicKey]) -> Rel
     try:
         signature = base64.b64decode(envelope.signature, validate=True)
         key.verify(signature, envelope.payload.encode())
-    except (binascii.Error, InvalidSignature):
+    except (binascii.Error, ValueError, InvalidSignature):  # ValueError: non-ASCII base64
         raise SignatureError(f"release signature does not verify with key {envelope.key_id!r}") from None
     try:  # pydantic's JSON parser bounds nesting: a 100,000-deep payload is a named refusal, not a crash
         return Release.model_validate_json(envelope.payload)
