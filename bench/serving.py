@@ -3,14 +3,18 @@
 1. raw ``InferenceSession.run`` on pre-tokenized inputs (the floor)
 2. tokenizers + ``InferenceSession.run`` (what hand-written code would do)
 3. the agent over HTTP, batch 1, sequential (``POST /v1/predict``, keep-alive, Python client)
-4. the agent over HTTP, 1 and 16 concurrent connections driven by ``wrk`` (a C load generator,
+4. the agent over MQTT 5 request/response through a local Mosquitto, batch 1, sequential, at QoS 0
+   and at QoS 1 (``.../infer`` with ``ResponseTopic`` and ``CorrelationData``); 1-4 interleaved
+5. the agent over HTTP, 1 and 16 concurrent connections driven by ``wrk`` (a C load generator,
    so the client does not take the CPU the server needs on a small machine); dynamic batching
-5. optimum ``ORTModelForSequenceClassification`` in a transformers pipeline (same int8 model)
-6. a transformers pipeline on PyTorch fp32
+6. optimum ``ORTModelForSequenceClassification`` in a transformers pipeline (same int8 model)
+7. a transformers pipeline on PyTorch fp32
 
-Prints p50/p99 latency, throughput, each p50's ratio to the floor, and the agent's peak RSS.
+Prints p50/p99 latency, throughput, each p50's ratio to the floor and its difference to the agent's
+HTTP p50, the agent's peak RSS, and PASS/FAIL for issue 12's targets.
 
     .venv/bin/python bench/serving.py [--requests 500] [--rounds 5] [--threads 1] [--workdir runs/bench-serving]
+    .venv/bin/python bench/serving.py --quick     # about a minute: fewer requests and epochs, 3 s of wrk
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -30,7 +33,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cloud_trainer.localbroker import free_port
+from agent_harness import (
+    MqttRequester,
+    free_port,
+    install_bundle,
+    post,
+    process_stats,
+    start_agent,
+    stop_agent,
+    train_bundle,
+    write_agent_config,
+)
+
+# issue 12's targets
+MQTT_GAP_MS = 1.0  # MQTT QoS 1 p50 within this of the HTTP p50
+FLOOR_GAP_MS = 0.5  # agent HTTP sequential p50 at most floor p50 + this
+CONCURRENCY_GAIN = 1.5  # throughput under 16 clients / sequential throughput
+PEAK_RSS_MB = 150.0
 
 
 def measure(call: Callable[[str], Any], texts: list[str], requests: int) -> dict[str, float]:
@@ -64,16 +83,6 @@ def interleaved(
 def summary(samples: list[float], throughput: float) -> dict[str, float]:
     ordered = sorted(samples)
     return {"p50": statistics.median(ordered), "p99": ordered[int(0.99 * (len(ordered) - 1))], "rps": throughput}
-
-
-def post(conn: http.client.HTTPConnection, text: str) -> None:
-    conn.request(
-        "POST", "/v1/predict", body=json.dumps({"texts": [text]}), headers={"Content-Type": "application/json"}
-    )
-    response = conn.getresponse()
-    response.read()
-    if response.status != 200:
-        raise RuntimeError(f"agent answered {response.status}")
 
 
 def batch_counts(port: int) -> tuple[float, float]:
@@ -140,14 +149,65 @@ def wrk(port: int, texts: list[str], connections: int, seconds: int, work: Path)
     return {"p50": number("P50"), "p99": number("P99"), "rps": number("Requests/sec:")}
 
 
+def report(rows: dict[str, dict[str, float]], *, peak_rss: float, mean_batch: float | None) -> list[dict[str, Any]]:
+    """Print the table and issue 12's checks; return the checks."""
+    floor = rows["onnxruntime session.run (floor)"]
+    sequential = rows["agent HTTP, sequential"]
+    print(f"{'':<38} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'p50 / floor':>12} {'p50 - HTTP ms':>14}")
+    for name, r in rows.items():
+        print(f"{name:<38} {r['p50']:>8.3f} {r['p99']:>8.3f} {r['rps']:>8.0f} {r['p50'] / floor['p50']:>11.2f}x "
+              f"{r['p50'] - sequential['p50']:>+14.3f}")  # fmt: skip
+    print()
+    checks = []
+    if "agent MQTT QoS 1, sequential" in rows:
+        mqtt_p50 = rows["agent MQTT QoS 1, sequential"]["p50"]
+        gap = mqtt_p50 - sequential["p50"]
+        checks.append(check(abs(gap) <= MQTT_GAP_MS, f"MQTT QoS 1 p50 within {MQTT_GAP_MS:g} ms of HTTP p50: "
+                            f"{mqtt_p50:.3f} vs {sequential['p50']:.3f} ms ({gap:+.3f} ms)"))  # fmt: skip
+        qos0 = rows["agent MQTT QoS 0, sequential"]["p50"] - sequential["p50"]
+        print(f"      (MQTT QoS 0 p50 - HTTP p50: {qos0:+.3f} ms)")
+    else:
+        checks.append(check(False, "MQTT QoS 1 p50 within 1 ms of HTTP p50: not measured (no Mosquitto)"))
+    gap = sequential["p50"] - floor["p50"]
+    checks.append(check(gap <= FLOOR_GAP_MS, f"agent HTTP sequential p50 at most floor + {FLOOR_GAP_MS:g} ms: "
+                        f"{sequential['p50']:.3f} vs {floor['p50']:.3f} ms ({gap:+.3f} ms)"))  # fmt: skip
+    if "agent HTTP, 16 connections (wrk)" in rows:
+        one = rows["agent HTTP, 1 connection (wrk)"]
+        gap = one["p50"] - floor["p50"]
+        print(f"      (agent 1 connection (wrk, a C client) p50 - floor p50: {gap:+.3f} ms)")
+        many = rows["agent HTTP, 16 connections (wrk)"]["rps"]
+        ratio = many / one["rps"]
+        text = f"{many:.0f} vs {one['rps']:.0f} req/s, 16 vs 1 connection (wrk)"
+    else:
+        many = rows["agent HTTP, 16 clients (Python)"]["rps"]
+        ratio = many / sequential["rps"]
+        text = f"{many:.0f} vs {sequential['rps']:.0f} req/s, 16 Python clients vs sequential"
+    target = f"throughput with 16 clients at least {CONCURRENCY_GAIN:g}x sequential"
+    checks.append(check(ratio >= CONCURRENCY_GAIN, f"{target}: {ratio:.2f}x ({text})"))
+    if mean_batch is not None:
+        print(f"      (agent inputs per onnxruntime run under 16 connections: {mean_batch:.2f})")
+    checks.append(check(peak_rss <= PEAK_RSS_MB, f"agent peak RSS at most {PEAK_RSS_MB:g} MB: {peak_rss:.0f} MB "
+                        "(VmHWM after every agent row)"))  # fmt: skip
+    return checks
+
+
+def check(passed: bool, text: str) -> dict[str, Any]:
+    print(f"{'PASS' if passed else 'FAIL'}  {text}")
+    return {"check": text, "pass": passed}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument("--requests", type=int, default=500, help="per interleaved row (floor, HTTP, MQTT)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads for every engine")
     parser.add_argument("--epochs", type=float, default=8.0)
     parser.add_argument("--rounds", type=int, default=5, help="alternating slices for the floor and the agent")
+    parser.add_argument("--wrk-seconds", type=int, default=5, help="per wrk row")
+    parser.add_argument("--quick", action="store_true", help="200 requests, 4 rounds, 2 epochs, 3 s of wrk")
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench-serving"))
     args = parser.parse_args()
+    if args.quick:
+        args.requests, args.rounds, args.epochs, args.wrk_seconds = 200, 4, 2.0, 3
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -157,17 +217,15 @@ def main() -> None:
     from tokenizers import Tokenizer
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-    from cloud_trainer.data import PACKAGED_DATASET, load_labelled
-    from cloud_trainer.registry import Registry
-    from cloud_trainer.runs import register_run, train_run
-    from cloud_trainer.train import TrainConfig
-    from edge_agent.store import ModelStore
+    from cloud_trainer.data import load_labelled
+    from cloud_trainer.errors import BrokerError
+    from cloud_trainer.localbroker import start_local_broker
+    from cloud_trainer.signing import generate_keypair
+    from edge_agent.protocol import Topics
 
     work = args.workdir.resolve()
     shutil.rmtree(work, ignore_errors=True)
-    train_run(PACKAGED_DATASET, work / "run", config=TrainConfig(epochs=args.epochs, progress=False))
-    entry, _ = register_run(Registry(work / "registry"), work / "run", model="intents", max_accuracy_drop=1.5)
-    bundle = entry.bundle_dir
+    bundle = train_bundle(work, epochs=args.epochs)
     texts = load_labelled(work / "run" / "val.csv").texts
     rows: dict[str, dict[str, float]] = {}
 
@@ -177,7 +235,10 @@ def main() -> None:
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(bundle / "model.onnx"), options, providers=["CPUExecutionProvider"])
     tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
-    tokenizer.enable_truncation(max_length=64)
+    # as the agent does: no padding (tokenizer.json pads to the training length), the manifest's truncation
+    tokenizer.no_padding()
+    max_length = json.loads((bundle / "manifest.json").read_text())["preprocessing"]["max_length"]
+    tokenizer.enable_truncation(max_length=max_length)
 
     def feeds(text: str) -> dict[str, Any]:
         enc = tokenizer.encode(text)
@@ -187,35 +248,21 @@ def main() -> None:
 
     pretokenized = {t: feeds(t) for t in texts}
 
-    # 3-4: the agent, a separate process with the bundle installed
+    # 3-5: the agent, a separate process with the bundle installed, connected to a local Mosquitto
     state = work / "agent-state"
-    store = ModelStore(state_dir=state, model="intents")
-    staging = store.fresh_staging(1)
-    shutil.copytree(bundle, staging, dirs_exist_ok=True)
-    store.install(staging, 1)
-    store.activate(1)
-    from cloud_trainer.signing import generate_keypair
-
+    install_bundle(state, bundle)
     _, public = generate_keypair(work / "keys")
+    try:
+        broker = start_local_broker(prefer="mosquitto", workdir=work / "broker")
+    except BrokerError as exc:  # MQTT 5 needs Mosquitto (the embedded amqtt speaks 3.1.1 only)
+        print(f"no MQTT rows: {exc}")
+        broker = None
     port = free_port()
     config = work / "agent.toml"
-    config.write_text(textwrap.dedent(f"""\
-        device_id = "bench"
-        fleet = "bench"
-        state_dir = "{state}"
-        [mqtt]
-        port = {free_port()}
-        [http]
-        port = {port}
-        [runtime]
-        intra_op_threads = {args.threads}
-        [serving]
-        telemetry_interval_s = 0
-        [update]
-        trusted_keys = ["{public}"]
-        """))  # fmt: skip
-    agent = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    write_agent_config(config, state=state, http_port=port, mqtt_port=broker.port if broker else free_port(),
+                       public_key=public, threads=args.threads)  # fmt: skip
+    agent = start_agent(config, log=work / "agent.log")
+    requesters: dict[int, MqttRequester] = {}
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -227,28 +274,43 @@ def main() -> None:
                 if time.monotonic() > deadline:
                     raise SystemExit("agent did not come up") from None
                 time.sleep(0.2)
-        # 1-3 in alternating rounds, so that drifting load on a shared machine weighs on each alike
-        rows.update(interleaved({
+        calls: dict[str, Callable[[str], Any]] = {
             "onnxruntime session.run (floor)": lambda t: session.run(None, pretokenized[t]),
             "tokenizers + session.run": lambda t: session.run(None, feeds(t)),
             "agent HTTP, sequential": lambda t: post(conn, t),
-        }, texts, args.requests, args.rounds))  # fmt: skip
+        }
+        if broker is not None:
+            topics = Topics(fleet="bench")
+            for qos in (0, 1):
+                requesters[qos] = MqttRequester(
+                    host=broker.host, port=broker.port, infer_topic=topics.device_infer("bench"),
+                    reply_topic=f"{topics.device_replies('bench')}/bench-qos{qos}", qos=qos,
+                    client_id=f"bench-requester-qos{qos}",
+                )  # fmt: skip
+                requesters[qos].wait_agent(texts[0])
+            calls["agent MQTT QoS 0, sequential"] = requesters[0].predict
+            calls["agent MQTT QoS 1, sequential"] = requesters[1].predict
+        # 1-4 in alternating rounds, so that drifting load on a shared machine weighs on each alike
+        rows.update(interleaved(calls, texts, args.requests, args.rounds))
         if shutil.which("wrk"):
-            rows["agent HTTP, 1 connection (wrk)"] = wrk(port, texts, 1, 5, work)
+            rows["agent HTTP, 1 connection (wrk)"] = wrk(port, texts, 1, args.wrk_seconds, work)
             runs_before, inputs_before = batch_counts(port)
-            rows["agent HTTP, 16 connections (wrk)"] = wrk(port, texts, 16, 5, work)
+            rows["agent HTTP, 16 connections (wrk)"] = wrk(port, texts, 16, args.wrk_seconds, work)
             runs_after, inputs_after = batch_counts(port)
-            mean_batch = (inputs_after - inputs_before) / max(runs_after - runs_before, 1)
+            mean_batch: float | None = (inputs_after - inputs_before) / max(runs_after - runs_before, 1)
         else:
+            mean_batch = None
             print("wrk not installed (apt-get install wrk): 16 Python client threads drive the load instead")
             rows["agent HTTP, 16 clients (Python)"] = concurrent(port, texts, 16, max(20, args.requests // 16))
-        with open(f"/proc/{agent.pid}/status") as status:
-            peak_rss = next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM"))
+        peak_rss = process_stats(agent.pid).peak_rss_mb
     finally:
-        agent.terminate()
-        agent.wait()
+        for requester in requesters.values():
+            requester.close()
+        stop_agent(agent)
+        if broker is not None:
+            broker.stop()
 
-    # 5-6: optimum and PyTorch pipelines
+    # 6-7: optimum and PyTorch pipelines
     torch.set_num_threads(args.threads)
     from optimum.onnxruntime import ORTModelForSequenceClassification
 
@@ -264,27 +326,14 @@ def main() -> None:
     torch_pipe = pipeline("text-classification", model=torch_model, tokenizer=hf_tokenizer)
     rows["transformers pipeline, PyTorch fp32"] = measure(torch_pipe, texts, args.requests)
 
-    floor = rows["onnxruntime session.run (floor)"]
-    sequential = rows["agent HTTP, sequential"]
     print(f"\nserving the int8 MiniLM bundle ({(bundle / 'model.onnx').stat().st_size / 1e6:.1f} MB), "
-          f"{len(texts)} distinct texts, {args.requests} requests each, {args.threads} intra-op thread(s), "
-          f"{os.cpu_count()} cores")  # fmt: skip
-    print(f"{'':<38} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'p50 / floor':>12}")
-    for name, r in rows.items():
-        print(f"{name:<38} {r['p50']:>8.3f} {r['p99']:>8.3f} {r['rps']:>8.0f} {r['p50'] / floor['p50']:>11.2f}x")
-    print(f"\nagent sequential p50 - floor p50: {sequential['p50'] - floor['p50']:+.3f} ms (target <= +0.5 ms)")
-    if "agent HTTP, 1 connection (wrk)" in rows:
-        gap = rows["agent HTTP, 1 connection (wrk)"]["p50"] - floor["p50"]
-        print(f"agent 1 connection (wrk, a C client) p50 - floor p50: {gap:+.3f} ms")
-    if "agent HTTP, 16 connections (wrk)" in rows:
-        ratio = rows["agent HTTP, 16 connections (wrk)"]["rps"] / rows["agent HTTP, 1 connection (wrk)"]["rps"]
-        print(f"agent throughput, 16 connections / 1 connection (wrk): {ratio:.2f}x (target >= 1.3x)")
-        print(f"agent inputs per onnxruntime run under 16 connections: {mean_batch:.2f}")
-    else:
-        ratio = rows["agent HTTP, 16 clients (Python)"]["rps"] / sequential["rps"]
-        print(f"agent throughput, 16 Python clients / sequential: {ratio:.2f}x (target >= 1.3x)")
-    print(f"agent peak RSS while serving: {peak_rss:.0f} MB (target < 200 MB)")
-    (work / "results.json").write_text(json.dumps({"rows": rows, "peak_rss_mb": peak_rss}, indent=2))
+          f"{len(texts)} distinct texts, {args.requests} requests each in {args.rounds} interleaved rounds, "
+          f"{args.threads} intra-op thread(s), {os.cpu_count()} cores")  # fmt: skip
+    checks = report(rows, peak_rss=peak_rss, mean_batch=mean_batch)
+    (work / "results.json").write_text(json.dumps({
+        "settings": {k: v for k, v in vars(args).items() if k != "workdir"},
+        "rows": rows, "peak_rss_mb": peak_rss, "checks": checks,
+    }, indent=2))  # fmt: skip
 
 
 if __name__ == "__main__":

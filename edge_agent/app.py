@@ -24,6 +24,7 @@ from edge_agent.runtime import HealthCheckError, ModelHolder, ModelLoadError
 from edge_agent.sampling import Sampler
 from edge_agent.serving import InferenceServer, ServingMetrics
 from edge_agent.serving.mqtt import MqttInference
+from edge_agent.serving.service import InferenceService
 from edge_agent.store import ModelStore
 from edge_agent.telemetry import TelemetryPublisher
 from edge_agent.transport import MqttTransport, TransportError
@@ -117,12 +118,14 @@ class Agent:
             model=config.model,
             sink=self.sample_writer.submit,
             remember=config.sampling.remember,
+            remember_bytes=config.sampling.remember_bytes,
         )
         self._remote_policies: dict[str, SamplingPolicy] = {}
         self.metrics = ServingMetrics()
         self.metrics.track_outbox(self.outbox.stats)
-        self.server = InferenceServer(
-            config=config.http,
+        self.metrics.set_model(config.model, None, None, None)
+        self.inference = InferenceService(  # one service; HTTP and MQTT are front ends over it
+            limits=config.http,
             serving=config.serving,
             holder=self.holder,
             model_name=config.model,
@@ -130,8 +133,11 @@ class Agent:
             on_result=self.watch.record,
             sampler=self.sampler,
         )
+        self.server = InferenceServer(
+            config=config.http, holder=self.holder, model_name=config.model, service=self.inference
+        )
         self.mqtt_inference = MqttInference(
-            server=self.server, transport=self.transport, topic=self.topics.device_infer(config.device_id)
+            service=self.inference, transport=self.transport, topic=self.topics.device_infer(config.device_id)
         )
         telemetry_topic = self.topics.device_telemetry(config.device_id)
         self.telemetry = TelemetryPublisher(
@@ -162,6 +168,8 @@ class Agent:
         if self.config.sampling.allow_remote:
             self.transport.subscribe(self.topics.fleet_sampling(self.config.model), self._on_policy)
             self.transport.subscribe(self.topics.device_sampling(self.config.device_id), self._on_policy)
+        self.metrics.track_mqtt(self.transport.connected.is_set)
+        self.metrics.set_update_state(self._state.update_state)
         self.transport.on_connected(self._republish_state)
         self.transport.on_connected(self._release_snapshot)
         for topic in self.updater.release_topics:
@@ -249,6 +257,13 @@ class Agent:
     def _set_state(self, *, publish: bool = True, **fields: Any) -> None:
         with self._state_lock:
             self._state = self._state.model_copy(update={**fields, "updated_at": _now()})
+        if "update_state" in fields:
+            self.metrics.set_update_state(fields["update_state"])
+        if "active_version" in fields:
+            model = self.holder.get()
+            providers = model.session.get_providers() if model is not None else None
+            quantization = model.manifest.quantization if model is not None else None
+            self.metrics.set_model(self.config.model, fields["active_version"], quantization, providers)
         if publish:
             self._publish_state()
 

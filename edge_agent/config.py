@@ -132,6 +132,14 @@ class HttpConfig(_Section):
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     max_texts: int = Field(default=64, ge=1, description="texts per request")
     max_text_chars: int = Field(default=2000, ge=1)
+    max_connections: int = Field(
+        default=128, ge=1, description="open connections at once; past it a new one gets 503 and is closed"
+    )
+    header_timeout_s: float = Field(default=10.0, gt=0, description="from a request's first byte to its last header")
+    body_timeout_s: float = Field(default=30.0, gt=0, description="from the headers to the last byte of the body")
+    idle_timeout_s: float = Field(
+        default=30.0, gt=0, description="an idle keep-alive connection (or one not reading its answers) is closed"
+    )
 
 
 class ServingConfig(_Section):
@@ -195,6 +203,14 @@ class SamplingConfig(SamplingRules):
 
     allow_remote: bool = Field(default=True, description="a retained policy from the cloud replaces these rules")
     remember: int = Field(default=4096, ge=1, le=1_000_000, description="recent predictions feedback can name")
+    remember_mb: float = Field(
+        default=16.0, gt=0, le=65536, description="and the memory they may take (MiB: inputs, scores, overhead)"
+    )
+
+    @property
+    def remember_bytes(self) -> int:
+        """``remember_mb`` in bytes, for :class:`edge_agent.sampling.Sampler`."""
+        return int(self.remember_mb * 1024 * 1024)
 
 
 class OutboxConfig(_Section):

@@ -76,6 +76,7 @@ def serve_until(agent: Agent, stop: threading.Event, *, notifier: Notifier | Non
         checks={
             "main loop": main_loop.check,
             "inference": inference_check(agent.server.batcher, max_stall_s=max_stall_s),
+            "HTTP loop": lambda: agent.server.loop_problem(max_stall_s=max_stall_s),
         },
         status=lambda: status_line(agent),
     )

@@ -49,6 +49,10 @@ class Requester:
             assert self._cond.wait_for(lambda: correlation in self.replies, timeout=10), "no reply"
             return self.replies[correlation]
 
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
     def wait_telemetry(self, timeout_s: float) -> dict[str, Any]:
         with self._cond:
             assert self._cond.wait_for(lambda: self.telemetry, timeout=timeout_s), "no telemetry"
@@ -87,7 +91,7 @@ def test_mqtt_request_response_and_telemetry(
         assert bad["status"] == 400
         assert "not valid JSON" in bad["error"]
         empty = requester.ask(json.dumps({"texts": []}).encode(), b"c-3")
-        assert (empty["status"], empty["error"]) == (400, '"texts" is empty')
+        assert (empty["status"], empty["error"]) == (400, '"texts" is empty: nothing to classify')
 
         telemetry = requester.wait_telemetry(5)
         assert telemetry["schema"] == "edgeloop.telemetry/1"

@@ -108,7 +108,7 @@ def test_broker_outage_then_every_sample_arrives_exactly_once(
     assert stored_ids(store) == set(before + during)
     assert counts["samples"] == counts["records_received"] == 29
     assert metric(agent, "edge_agent_samples_queued") == 0
-    assert metric(agent, "edge_agent_samples_dropped") == 0
+    assert metric(agent, "edge_agent_samples_dropped_total") == 0
     collector.stop()
 
 
@@ -144,10 +144,10 @@ def test_full_outbox_drops_the_oldest_counts_and_reports_them(
     ids = []
     for i in range(30):
         ids += predict_ids(agent, [f"turn on the lights number {i}"])
-    wait_until(lambda: metric(agent, "edge_agent_samples_queued") + metric(agent, "edge_agent_samples_dropped") == 30,
-               "every sample queued or dropped")  # fmt: skip
+    outbox = ("edge_agent_samples_queued", "edge_agent_samples_dropped_total")
+    wait_until(lambda: sum(metric(agent, name) for name in outbox) == 30, "every sample queued or dropped")
     queued = int(metric(agent, "edge_agent_samples_queued"))
-    dropped = int(metric(agent, "edge_agent_samples_dropped"))
+    dropped = int(metric(agent, "edge_agent_samples_dropped_total"))
     print(f"\noutbox of 4096 bytes: {queued} samples kept, {dropped} oldest dropped")
     assert dropped > 0 and queued > 0
 

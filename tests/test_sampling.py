@@ -94,6 +94,82 @@ def test_feedback_names_a_recent_prediction_and_carries_its_input() -> None:
         sampler.feedback(ids[0], "x")
 
 
+def test_remembered_images_stay_within_the_byte_bound_and_feedback_still_carries_them() -> None:
+    import tracemalloc
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    bound = 512 * 1024
+    kept: list[SampleRecord] = []
+    sampler = Sampler(rules=SamplingRules(enabled=False), device="dev-1", fleet="f", model="digits",
+                      sink=kept.extend, remember=4096, remember_bytes=bound, seed=1)  # fmt: skip
+    unsure = prediction({"a": 0.5, "b": 0.3, "c": 0.2})
+    ids: list[str] = []
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(1000):  # as JSON gives them (nested int lists) and as KServe does (float32 arrays)
+        pixels = rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)
+        ids += sampler.observe([pixels.tolist() if i % 2 else pixels.astype(np.float32)], [unsure], 4, text=False)
+        assert sampler.remembered[1] <= bound
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    count, accounted = sampler.remembered
+    assert bound - 4096 < accounted <= bound and 100 < count < 1000  # the byte bound binds, not the count
+    assert held < bound * 1.25  # and the accounting is honest (measured: 0.98 of it)
+    for old in (ids[0], ids[-count - 1]):
+        assert not sampler.remembers(old)
+        with pytest.raises(UnknownPrediction):
+            sampler.feedback(old, "a")
+    assert sampler.remembers(ids[-count])
+
+    later = rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)
+    as_json, as_array = later.tolist(), later.astype(np.float32) + 0.5
+    pair = sampler.observe([as_json, as_array], [unsure] * 2, 5, text=False)
+    from_json, from_array = sampler.feedback(pair[0], "b"), sampler.feedback(pair[1], "c")
+    assert from_json.image == as_json and from_array.image == as_array.tolist()  # as the inputs were before
+    assert json.dumps(from_json.image) == json.dumps(as_json)  # ints stay ints
+    assert json.dumps(from_array.image) == json.dumps(as_array.tolist())  # floats stay floats
+    assert (from_json.text, from_json.version, from_json.label, from_json.predicted) == (None, 5, "b", "a")
+    assert kept == [from_json, from_array]
+
+
+def test_remembered_inputs_are_held_compactly_and_exactly() -> None:
+    import numpy as np
+
+    from edge_agent.sampling import _Pixels
+
+    cases = [
+        ([[0, 17], [255, 3]], "uint8"),
+        ([[-1, 300]], "int16"),
+        (np.float32([[0.0, 12.0], [255.0, 1.0]]), "uint8"),  # whole floats: ints inside, floats outside
+        (np.float32([[0.5, 12.0]]), "float16"),
+        (np.float32([[0.1, 70000.0]]), "float32"),
+        ([[0.1, 0.2]], "float64"),
+        (np.float64([[-0.0, 1.0]]), "float16"),  # -0.0 is kept
+        (np.float64([[np.nan, 1e10]]), "float32"),
+    ]
+    for value, dtype in cases:
+        pixels = _Pixels.of(value)
+        original = value.tolist() if isinstance(value, np.ndarray) else value
+        assert (str(pixels.array.dtype), json.dumps(pixels.tolist())) == (dtype, json.dumps(original))
+    texts = make_sampler(SamplingRules(enabled=False), [])
+    texts.observe(["x" * 1000], [prediction({"a": 0.9, "b": 0.1})], 1, text=True)
+    assert 1000 < texts.remembered[1] < 1000 + 1024
+
+
+def test_sampling_config_bounds_remembered_memory() -> None:
+    from pydantic import ValidationError
+
+    from edge_agent.config import SamplingConfig
+
+    assert SamplingConfig().remember_bytes == 16 * 1024 * 1024
+    assert SamplingConfig(remember_mb=0.5).remember_bytes == 512 * 1024
+    for bad in (0, -1, float("inf"), float("nan")):
+        with pytest.raises(ValidationError, match="remember_mb"):
+            SamplingConfig(remember_mb=bad)
+
+
 def test_remote_policy_round_trip_and_bad_policy() -> None:
     policy = SamplingPolicy(low_confidence=0.8, random_rate=0.1)
     assert SamplingPolicy.from_bytes(policy.to_bytes()).rules() == SamplingRules(low_confidence=0.8, random_rate=0.1)

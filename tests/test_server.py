@@ -41,7 +41,7 @@ def _load(srv: InferenceServer, tmp_path: Path) -> None:
 def test_not_ready_until_a_model_is_loaded(server: InferenceServer, tmp_path: Path) -> None:
     port = server.address[1]
     assert http_json(port, "GET", "/v2/health/live")[0] == 200
-    assert http_json(port, "GET", "/v2/health/ready")[0] == 503
+    assert http_json(port, "GET", "/v2/health/ready")[0] == 400  # the v2 protocol: 4xx means not ready
     status, body = http_json(port, "POST", "/v1/predict", {"texts": ["turn on"]})
     assert (status, body["error"]) == (503, "no verified model is active yet")
     _load(server, tmp_path)

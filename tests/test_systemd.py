@@ -64,8 +64,12 @@ def test_agent_unit_is_a_watched_hardened_notify_service() -> None:
         "PrivateTmp": "yes",
         "MemoryMax": "512M",
         "CapabilityBoundingSet": "",
+        "LimitNOFILE": "1024",
     }
     assert {key: unit.get(key, ["(missing)"])[0] for key in expected} == expected
+    from edge_agent.config import HttpConfig
+
+    assert HttpConfig().max_connections + 256 <= int(unit["LimitNOFILE"][0])  # the cap bites before EMFILE
     assert "check-config --quiet /etc/edge-agent/agent.toml" in unit["ExecStartPre"][0]
     assert "DynamicUser" not in unit  # a fixed user, so the config directory can be group-readable to it
 

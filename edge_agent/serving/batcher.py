@@ -20,13 +20,22 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from edge_agent.runtime import Classifier, Prediction
+from edge_agent.runtime import Classifier, InputError, Prediction
 
 log = logging.getLogger(__name__)
 
 
 class Overloaded(Exception):
     """The request queue is full; the caller should retry later."""
+
+
+class ModelFailure(Exception):
+    """The model itself failed on valid input (onnxruntime raised, outputs not finite): counted
+    against ``version`` by the watch window."""
+
+    def __init__(self, version: int, cause: BaseException) -> None:
+        super().__init__(str(cause) or type(cause).__name__)
+        self.version = version
 
 
 class NoModel(Exception):
@@ -97,6 +106,10 @@ class Batcher:
             self._runs[run] = time.monotonic()
         try:
             return model.predict(inputs)
+        except InputError:
+            raise
+        except Exception as exc:
+            raise ModelFailure(model.version, exc) from exc
         finally:
             with self._runs_lock:
                 del self._runs[run]

@@ -1,58 +1,71 @@
 """The local HTTP API: the Open Inference Protocol (KServe v2) plus a JSON convenience endpoint.
 
     GET  /v2                                  server metadata
-    GET  /v2/health/live | /v2/health/ready   liveness; readiness once a verified model serves
+    GET  /v2/health/live | /v2/health/ready   liveness; readiness once a verified model serves (400 until then)
     GET  /v2/models/{name}[/versions/{v}]     model metadata (inputs, outputs, labels)
     GET  /v2/models/{name}/ready              model readiness
+    GET  /v2/models/{name}/config             Triton model configuration
+    GET  /v2/models[/{name}]/stats            Triton inference statistics
     POST /v2/models/{name}[/versions/{v}]/infer   inference (JSON or binary tensor extension)
     POST /v1/predict                          {"texts": [...]} or {"images": [...]} -> labels, scores, ids
     POST /v1/feedback                         {"id": "<prediction id>", "label": "<true label>"} (or a list)
     GET  /v1/model                            the active model, its metrics
     GET  /metrics                             Prometheus exposition
 
-Every bad request gets a 4xx with ``{"error": "..."}`` naming the problem; a full queue a 503
-with ``Retry-After``; the server stays up. It listens on localhost, or a Unix socket.
+HEAD works wherever GET does; query strings are ignored by the routes. Request bodies may be
+``Content-Length`` or chunked, and ``Content-Encoding: gzip`` or ``deflate`` (bounded while they
+inflate). Every bad request gets a 4xx with ``{"error": "..."}`` naming the problem, a full queue
+a 503 with ``Retry-After``, an unexpected fault a 500; the server stays up.
 
-The server is one asyncio event loop on its own thread (HTTP/1.1 with keep-alive, parsed here:
-a thread per connection and the stdlib's header parser cost more CPU than the model on a
-two-core device). Inference runs in the :class:`Batcher`'s worker, awaited through its future,
-so the loop keeps reading other requests while onnxruntime works; a request that finds nothing
-queued runs at once on the loop.
+The server is one asyncio event loop on its own thread. Framing is llhttp's (through
+``httptools``, the parser uvicorn uses): a request with both ``Content-Length`` and
+``Transfer-Encoding``, or any other malformed framing, gets a 400 and the connection is closed,
+so nothing after it can be read as another request. Each connection has a header timeout, a body
+timeout and a keep-alive idle timeout; past ``max_connections`` a new connection gets a 503 and is
+closed. Inference runs in the :class:`Batcher`'s worker, awaited through its future, so the loop
+keeps reading other requests while onnxruntime works; a request that finds nothing queued runs
+at once on the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import logging
 import os
 import re
 import threading
 import time
+import zlib
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
+import httptools
+
 from edge_agent import __version__
 from edge_agent.config import HttpConfig, ServingConfig
-from edge_agent.runtime import Classifier, InputError, ModelHolder, Prediction
+from edge_agent.runtime import Classifier, ModelHolder
 from edge_agent.sampling import Sampler, UnknownPrediction
 from edge_agent.serving import kserve
-from edge_agent.serving.batcher import Batcher, NoModel, Overloaded
+from edge_agent.serving.batcher import Batcher
 from edge_agent.serving.metrics import ServingMetrics
+from edge_agent.serving.service import InferenceService, RequestError, encodable, loads_json, prediction_dicts
 
 log = logging.getLogger(__name__)
 
-_MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<rest>/ready|/infer)?$")
+__all__ = ["InferenceServer", "RequestError", "Response"]
+
+_MODEL_PATH = re.compile(
+    r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<rest>/ready|/infer|/config|/stats)?$"
+)
 MAX_HEADER_BYTES = 16 * 1024
 MAX_HEADERS = 100
-
-
-class RequestError(Exception):
-    def __init__(self, status: HTTPStatus, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+MAX_URL_BYTES = 8 * 1024
+LINGER_S = 2.0
 
 
 @dataclass
@@ -61,6 +74,7 @@ class Request:
     path: str
     headers: dict[str, str]  # names lower-case
     body: bytes = b""
+    keep_alive: bool = True
 
 
 @dataclass
@@ -70,73 +84,45 @@ class Response:
     headers: dict[str, str] = field(default_factory=dict)
     content_type: str = "application/json"
 
-    def encode(self, *, keep_alive: bool) -> bytes:
+    def encode(self, *, keep_alive: bool, head: bool = False) -> bytes:
         body = self.payload if isinstance(self.payload, bytes) else json.dumps(self.payload).encode()
         lines = [
             f"HTTP/1.1 {self.status.value} {self.status.phrase}",
+            f"Date: {_http_date()}",
+            f"Server: edge-agent/{__version__}",
             f"Content-Type: {self.content_type}",
             f"Content-Length: {len(body)}",
             "Connection: keep-alive" if keep_alive else "Connection: close",
         ]
         lines += [f"{k}: {v}" for k, v in self.headers.items()]
-        if self.status == HTTPStatus.SERVICE_UNAVAILABLE:
+        if self.status == HTTPStatus.SERVICE_UNAVAILABLE and "Retry-After" not in self.headers:
             lines.append("Retry-After: 1")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head else body)
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _http_date() -> str:
+    global _date_cache  # noqa: PLW0603 - one formatted date per second, shared by every response
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, email.utils.formatdate(now, usegmt=True))
+    return _date_cache[1]
 
 
 def _error(exc: RequestError) -> Response:
-    return Response(exc.status, {"error": str(exc)})
-
-
-def parse_predict_body(body: bytes, config: HttpConfig, *, task: str = "text-classification") -> list[Any]:
-    """Validate a ``/v1/predict`` body and return its texts or images, or raise ``RequestError``."""
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"body is not valid JSON: {exc}") from None
-    key = "images" if task == "image-classification" else "texts"
-    if not isinstance(data, dict) or key not in data:
-        raise RequestError(HTTPStatus.BAD_REQUEST, f'body must be a JSON object with a "{key}" list')
-    items = data[key]
-    kind = "strings" if key == "texts" else "pixel arrays"
-    if not isinstance(items, list) or (key == "texts" and not all(isinstance(t, str) for t in items)):
-        raise RequestError(HTTPStatus.BAD_REQUEST, f'"{key}" must be a list of {kind}')
-    if not items:
-        raise RequestError(HTTPStatus.BAD_REQUEST, f'"{key}" is empty')
-    if len(items) > config.max_texts:
-        raise RequestError(
-            HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{len(items)} {key} in one request; the limit is {config.max_texts}"
-        )
-    check_texts(items if key == "texts" else [], config)
-    return items
-
-
-def prediction_dicts(predictions: list[Prediction], ids: list[str] | None) -> list[dict[str, Any]]:
-    """Predictions as JSON objects; each with its ``id`` when the sampler gave one (feedback names it)."""
-    out: list[dict[str, Any]] = [{"label": p.label, "score": p.score, "scores": p.scores} for p in predictions]
-    for item, prediction_id in zip(out, ids or [], strict=False):
-        item["id"] = prediction_id
-    return out
+    headers = {"Allow": "GET, HEAD, POST"} if exc.status == HTTPStatus.METHOD_NOT_ALLOWED else {}
+    return Response(exc.status, {"error": str(exc)}, headers)
 
 
 _PREDICTION_ID = re.compile(r"^[0-9a-f]{32}$")
 _LABEL = re.compile(r"^[^\x00-\x1f]{1,100}$")
 
 
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate from a "\\ud800" escape
-        return False
-    return True
-
-
 def parse_feedback_body(body: bytes) -> list[tuple[str, str]]:
     """Validate a ``/v1/feedback`` body: one ``{"id", "label"}`` object or ``{"feedback": [...]}`` of them."""
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"body is not valid JSON: {exc}") from None
+    data = loads_json(body)
     items = data.get("feedback") if isinstance(data, dict) and "feedback" in data else [data]
     if not isinstance(items, list) or not items:
         raise RequestError(HTTPStatus.BAD_REQUEST, '"feedback" must be a non-empty list of {"id", "label"} objects')
@@ -150,32 +136,48 @@ def parse_feedback_body(body: bytes) -> list[tuple[str, str]]:
         prediction_id, label = item["id"], item["label"]
         if not isinstance(prediction_id, str) or not _PREDICTION_ID.fullmatch(prediction_id):
             raise RequestError(HTTPStatus.BAD_REQUEST, f'{where}: "id" must be a prediction id (32 hex characters)')
-        if not isinstance(label, str) or not _LABEL.fullmatch(label) or not _encodable(label):
+        if not isinstance(label, str) or not _LABEL.fullmatch(label) or not encodable(label):
             raise RequestError(HTTPStatus.BAD_REQUEST, f'{where}: "label" must be a string of 1-100 characters')
         parsed.append((prediction_id, label))
     return parsed
 
 
-def check_texts(texts: list[str], config: HttpConfig) -> None:
-    for index, text in enumerate(texts):
-        if len(text) > config.max_text_chars:
-            raise RequestError(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                f"texts[{index}] has {len(text)} characters; the limit is {config.max_text_chars}",
-            )
+def decode_body(request: Request, limit: int) -> bytes:
+    """The body with its ``Content-Encoding`` (gzip, deflate) undone, at most ``limit`` bytes inflated."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return request.body
+    if encoding not in ("gzip", "deflate"):
+        raise RequestError(
+            HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"Content-Encoding {encoding!r} is not supported (gzip, deflate)"
+        )
+    # gzip: a gzip header; deflate: zlib-wrapped as HTTP says, or raw as some clients send it.
+    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else (zlib.MAX_WBITS if request.body[:1] == b"\x78" else -15)
+    inflater = zlib.decompressobj(wbits)
+    try:
+        data = inflater.decompress(request.body, limit + 1)
+    except zlib.error as exc:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"body is not valid {encoding}: {exc}") from None
+    if len(data) > limit or inflater.unconsumed_tail:
+        raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body inflates past the limit of {limit} bytes")
+    if not inflater.eof:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"body is truncated {encoding}")
+    return data
 
 
 class InferenceServer:
-    """An asyncio HTTP server over a :class:`Batcher`, on its own thread.
+    """An asyncio HTTP server over an :class:`InferenceService`, on its own thread.
 
     Args:
-        config: listen address and request limits.
-        serving: batching and timeouts.
+        config: listen address, request limits and connection timeouts.
         holder: the serving model.
         model_name: the model's name, for URLs and responses.
+        serving: batching and timeouts.
         metrics: where requests are counted.
         on_result: called with ``(version, ok)`` after each inference (the watch window listens).
         sampler: sees every prediction, gives it an id and keeps the hard ones; takes feedback.
+        service: the inference service to use (shared with other front ends); built from the
+            arguments above when not given.
     """
 
     def __init__(
@@ -188,39 +190,39 @@ class InferenceServer:
         metrics: ServingMetrics | None = None,
         on_result: Callable[[int, bool], None] | None = None,
         sampler: Sampler | None = None,
+        service: InferenceService | None = None,
     ) -> None:
         self.config = config
-        self.sampler = sampler
-        self.serving = serving or ServingConfig()
-        self.holder = holder
+        self.service = service or InferenceService(
+            limits=config, holder=holder, model_name=model_name, serving=serving, metrics=metrics,
+            on_result=on_result, sampler=sampler,
+        )  # fmt: skip
+        self.holder = self.service.holder
         self.model_name = model_name
-        self.metrics = metrics or ServingMetrics()
-        self.on_result = on_result or (lambda _version, _ok: None)
-        self.batcher = Batcher(
-            model=holder.get,
-            max_batch=self.serving.max_batch,
-            max_delay_ms=self.serving.max_queue_delay_ms,
-            queue_size=self.serving.queue_size,
-            on_batch=self.metrics.batch_size.observe,
-            workers=self.serving.workers,
-        )
-        self._in_flight = 0  # requests inside infer(); touched only on the loop's thread
-        self._loop = asyncio.new_event_loop()
-        self._server: asyncio.Server | None = None
+        self.metrics = self.service.metrics
+        self.sampler = self.service.sampler
+        self.connections = 0  # open connections; touched only on the loop's thread
+        self.heartbeat = time.monotonic()  # the loop turned (the systemd watchdog checks it)
+        self.loop = self._loop = asyncio.new_event_loop()
+        self._server: asyncio.base_events.Server | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, name="http", daemon=True)
         self._address: tuple[str, int] = ("", 0)
         self._bind()  # bind now, so a taken port fails at start-up with a clear error
 
+    @property
+    def batcher(self) -> Batcher:
+        return self.service.batcher
+
     def _bind(self) -> None:
-        limit = MAX_HEADER_BYTES
+        factory = lambda: _Connection(self)  # noqa: E731
         if self.config.unix_socket is not None:
             if self.config.unix_socket.exists():
                 self.config.unix_socket.unlink()
-            start: Awaitable[asyncio.Server] = asyncio.start_unix_server(
-                self._connection, path=str(self.config.unix_socket), limit=limit
+            start: Awaitable[asyncio.base_events.Server] = self._loop.create_unix_server(
+                factory, path=str(self.config.unix_socket)
             )
         else:
-            start = asyncio.start_server(self._connection, self.config.host, self.config.port, limit=limit)
+            start = self._loop.create_server(factory, self.config.host, self.config.port, backlog=128)
         self._server = self._loop.run_until_complete(start)
         if self.config.unix_socket is not None:
             os.chmod(self.config.unix_socket, 0o660)
@@ -234,10 +236,24 @@ class InferenceServer:
         return self._address
 
     def start(self) -> None:
-        self.batcher.start()
+        self.service.start()
+        self._loop.call_soon_threadsafe(self._beat)
         self._thread.start()
         where = self.config.unix_socket or "http://{}:{}".format(*self._address)
         log.info("inference API on %s", where)
+
+    def _beat(self) -> None:
+        self.heartbeat = time.monotonic()
+        self._loop.call_later(1.0, self._beat)
+
+    def loop_problem(self, *, max_stall_s: float) -> str | None:
+        """Why the HTTP loop looks stuck (for the systemd watchdog), or None."""
+        if not self._thread.is_alive():
+            return "the HTTP loop thread has died"
+        idle = time.monotonic() - self.heartbeat
+        if idle > max_stall_s:
+            return f"the HTTP loop has not turned for {idle:.0f}s"
+        return None
 
     def stop(self) -> None:
         async def close() -> None:
@@ -246,172 +262,61 @@ class InferenceServer:
                 await self._server.wait_closed()
 
         if self._thread.is_alive():
-            asyncio.run_coroutine_threadsafe(close(), self._loop).result(timeout=5)
+            try:
+                asyncio.run_coroutine_threadsafe(close(), self._loop).result(timeout=5)
+            except TimeoutError:
+                log.warning("HTTP connections did not close within 5 s")
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
-        self.batcher.stop()
+        self.service.stop()
 
-    # -- inference --------------------------------------------------------------------------------
-    async def infer(self, inputs: list[Any]) -> tuple[int, list[Prediction]]:
-        """Run ``inputs`` through the batcher; map failures to HTTP errors and count them."""
-        self._in_flight += 1
-        try:
-            # Let the other connections whose requests are already readable reach this point too:
-            # a request alone runs inline on the loop (no thread hand-off); with company, every one
-            # goes to the batcher's workers, the loop stays free to read more, and batches form.
-            await asyncio.sleep(0)
-            inline = self.batcher.try_inline(inputs) if self._in_flight == 1 else None
-            if inline is not None:
-                version, predictions = inline
-            else:
-                future = asyncio.wrap_future(self.batcher.submit(inputs))
-                version, predictions = await asyncio.wait_for(future, self.serving.request_timeout_s)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a status; the server goes on
-            raise RequestError(*self.failure_status(exc)) from None
-        finally:
-            self._in_flight -= 1
-        self.on_result(version, True)
-        return version, predictions
-
-    def observe(self, inputs: list[Any], version: int, predictions: list[Prediction], task: str) -> list[str] | None:
-        """Show a request's predictions to the sampler; their ids, or None without one. Never raises."""
-        if self.sampler is None:
-            return None
-        try:
-            return self.sampler.observe(inputs, predictions, version, text=task == "text-classification")
-        except Exception:  # sampling must never fail a request
-            log.exception("sampling failed")
-            return None
-
-    def failure_status(self, exc: BaseException) -> tuple[HTTPStatus, str]:
-        """The HTTP status and message for a failed inference; model failures count against the watch window."""
-        if isinstance(exc, (Overloaded, NoModel)):
-            return HTTPStatus.SERVICE_UNAVAILABLE, str(exc)
-        if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
-            return HTTPStatus.GATEWAY_TIMEOUT, "inference did not finish in time"
-        if isinstance(exc, InputError):
-            return HTTPStatus.BAD_REQUEST, str(exc)
-        model = self.holder.get()
-        if model is not None:
-            self.on_result(model.version, False)
-        log.warning("inference failed: %s", exc)
-        return HTTPStatus.INTERNAL_SERVER_ERROR, f"inference failed: {exc}"
-
-    # -- HTTP/1.1 ---------------------------------------------------------------------------------
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    return
-                except asyncio.LimitOverrunError:
-                    too_large = RequestError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request headers too large")
-                    writer.write(_error(too_large).encode(keep_alive=False))
-                    return
-                try:
-                    request, keep_alive = self._parse_head(head)
-                    request.body = await self._read_body(reader, writer, request)
-                except RequestError as exc:
-                    writer.write(_error(exc).encode(keep_alive=False))
-                    return
-                response = await self._dispatch(request)
-                writer.write(response.encode(keep_alive=keep_alive))
-                await writer.drain()
-                if not keep_alive:
-                    return
-        except ConnectionError:
-            return
-        finally:
-            writer.close()
-
-    @staticmethod
-    def _parse_head(head: bytes) -> tuple[Request, bool]:
-        lines = head.decode("latin-1").split("\r\n")
-        words = lines[0].split()
-        if len(words) != 3 or words[2] not in ("HTTP/1.1", "HTTP/1.0"):
-            raise RequestError(HTTPStatus.BAD_REQUEST, f"bad request line {lines[0][:100]!r}")
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            if not line:
-                continue
-            name, sep, value = line.partition(":")
-            if not sep or not name.strip():
-                raise RequestError(HTTPStatus.BAD_REQUEST, f"bad header line {line[:100]!r}")
-            headers[name.strip().lower()] = value.strip()
-        if len(headers) > MAX_HEADERS:
-            raise RequestError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"more than {MAX_HEADERS} headers")
-        connection = headers.get("connection", "").lower()
-        keep_alive = connection != "close" and (words[2] == "HTTP/1.1" or connection == "keep-alive")
-        return Request(words[0], words[1], headers), keep_alive
-
-    async def _read_body(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: Request) -> bytes:
-        length_header = request.headers.get("content-length")
-        if length_header is None:
-            if request.method == "POST":
-                raise RequestError(HTTPStatus.LENGTH_REQUIRED, "Content-Length header is required")
-            return b""
-        try:
-            length = int(length_header)
-        except ValueError:
-            raise RequestError(HTTPStatus.BAD_REQUEST, f"Content-Length {length_header!r} is not a number") from None
-        limit = self.config.max_body_bytes
-        if length < 0 or length > limit:
-            raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {length} bytes; the limit is {limit}")
-        if request.headers.get("expect", "").lower() == "100-continue":
-            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        try:
-            return await reader.readexactly(length)
-        except asyncio.IncompleteReadError:
-            raise RequestError(HTTPStatus.BAD_REQUEST, "body is shorter than its Content-Length") from None
-
-    async def _dispatch(self, request: Request) -> Response:
+    # -- requests ---------------------------------------------------------------------------------
+    async def handle(self, request: Request) -> Response:
+        """Answer one request; never raises (a fault is a 500 and the server goes on)."""
         start = time.perf_counter()
         endpoint = None
         try:
-            if request.method == "GET":
-                return self._get(request)
-            if request.method != "POST":
-                raise RequestError(HTTPStatus.METHOD_NOT_ALLOWED, f"method {request.method} is not supported")
-            match = _MODEL_PATH.match(request.path)
-            if request.path == "/v1/predict":
-                endpoint = "predict"
-                response = await self._predict(request)
-            elif request.path == "/v1/feedback":
-                endpoint = "feedback"
-                response = self._feedback(request)
-            elif match and match["rest"] == "/infer":
-                endpoint = "infer"
-                response = await self._infer(request, match)
+            if request.method in ("GET", "HEAD"):
+                response = self._get(request)
+            elif request.method == "POST":
+                endpoint = {"/v1/predict": "predict", "/v1/feedback": "feedback"}.get(request.path, "infer")
+                response = await self._post(request)
             else:
-                raise RequestError(HTTPStatus.NOT_FOUND, f"no such endpoint: POST {request.path}")
+                raise RequestError(HTTPStatus.METHOD_NOT_ALLOWED, f"method {request.method} is not supported")
         except RequestError as exc:
             response = _error(exc)
-        if endpoint is not None:
+        except Exception:
+            log.exception("request %s %s failed", request.method, request.path[:200])
+            response = Response(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error; see the agent's log"})
+        if endpoint is not None and response.status != HTTPStatus.NOT_FOUND:
             failed = response.status == HTTPStatus.INTERNAL_SERVER_ERROR
             self.metrics.observe(endpoint, int(response.status), time.perf_counter() - start, inference_failed=failed)
         return response
 
-    # -- routes -----------------------------------------------------------------------------------
-    def _model(self) -> Classifier:
-        model = self.holder.get()
-        if model is None:
-            raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, "no verified model is active yet")
-        return model
+    async def _post(self, request: Request) -> Response:
+        path = request.path
+        if path == "/v1/predict":
+            return await self._predict(request)
+        if path == "/v1/feedback":
+            return self._feedback(request)
+        match = _MODEL_PATH.match(path)
+        if match and match["rest"] == "/infer":
+            return await self._infer(request, match)
+        raise RequestError(HTTPStatus.NOT_FOUND, f"no such endpoint: POST {path}")
 
     def _matching_model(self, match: re.Match[str]) -> Classifier:
         if match["name"] != self.model_name:
             raise RequestError(
                 HTTPStatus.NOT_FOUND, f"no model {match['name']!r}; this agent serves {self.model_name!r}"
             )
-        model = self._model()
+        model = self.service.model()
         if match["version"] is not None and match["version"] != str(model.version):
             raise RequestError(
                 HTTPStatus.NOT_FOUND, f"version {match['version']} is not loaded (serving {model.version})"
             )
         return model
 
-    def _get(self, request: Request) -> Response:
+    def _get(self, request: Request) -> Response:  # noqa: PLR0911 - one return per route
         model = self.holder.get()
         path = request.path
         if path == "/metrics":
@@ -420,38 +325,50 @@ class InferenceServer:
             return Response(HTTPStatus.OK, self.metrics.exposition(), content_type="text/plain; version=0.0.4")
         if path == "/v2":
             return Response(HTTPStatus.OK, {"name": "edge-agent", "version": __version__,
-                                            "extensions": ["binary_tensor_data"]})  # fmt: skip
+                                            "extensions": kserve.EXTENSIONS})  # fmt: skip
         if path == "/v2/health/live":
             return Response(HTTPStatus.OK, {"live": True})
-        if path == "/v2/health/ready":
-            status = HTTPStatus.OK if model else HTTPStatus.SERVICE_UNAVAILABLE
+        if path == "/v2/health/ready":  # the v2 protocol: 200 ready, 4xx not
+            status = HTTPStatus.OK if model else HTTPStatus.BAD_REQUEST
             return Response(status, {"ready": model is not None, "version": model.version if model else None})
         if path == "/v1/model":
-            m = self._model()
+            m = self.service.model()
             return Response(HTTPStatus.OK, {
                 "model": self.model_name, "version": m.version, "labels": m.labels,
                 "quantization": m.manifest.quantization, "metrics": m.manifest.metrics,
             })  # fmt: skip
+        if path == "/v2/models/stats":
+            return Response(HTTPStatus.OK, kserve.statistics(self.model_name, model, self.service.stats))
         return self._get_model(path)
 
     def _get_model(self, path: str) -> Response:
         match = _MODEL_PATH.match(path)
         if match is None:
             raise RequestError(HTTPStatus.NOT_FOUND, f"no such endpoint: GET {path}")
-        m = self._matching_model(match)
         if match["rest"] == "/ready":
-            return Response(HTTPStatus.OK, {"name": self.model_name, "ready": True})
+            ready = match["name"] == self.model_name and self.holder.get() is not None
+            try:
+                self._matching_model(match)
+            except RequestError:
+                ready = False
+            status = HTTPStatus.OK if ready else HTTPStatus.BAD_REQUEST
+            return Response(status, {"name": match["name"], "ready": ready})
+        m = self._matching_model(match)
         if match["rest"] == "/infer":
             raise RequestError(HTTPStatus.METHOD_NOT_ALLOWED, "infer takes POST")
+        if match["rest"] == "/config":
+            return Response(HTTPStatus.OK, kserve.model_config(self.model_name, m.manifest, self.config.max_texts))
+        if match["rest"] == "/stats":
+            return Response(HTTPStatus.OK, kserve.statistics(self.model_name, m, self.service.stats))
         return Response(HTTPStatus.OK, kserve.model_metadata(self.model_name, m.manifest))
 
     async def _predict(self, request: Request) -> Response:
-        model = self._model()
-        inputs = parse_predict_body(request.body, self.config, task=model.manifest.task)
+        model = self.service.model()
+        inputs = self.service.parse_predict(decode_body(request, self.config.max_body_bytes), model)
         start = time.perf_counter()
-        version, predictions = await self.infer(inputs)
+        version, predictions = await self.service.infer(inputs)
         elapsed_ms = round((time.perf_counter() - start) * 1000, 3)
-        ids = self.observe(inputs, version, predictions, model.manifest.task)
+        ids = self.service.observe(inputs, version, predictions, model.manifest.task)
         return Response(HTTPStatus.OK, {
             "model": self.model_name,
             "version": version,
@@ -462,7 +379,7 @@ class InferenceServer:
     def _feedback(self, request: Request) -> Response:
         if self.sampler is None:
             raise RequestError(HTTPStatus.NOT_FOUND, "feedback is not enabled on this agent")
-        items = parse_feedback_body(request.body)
+        items = parse_feedback_body(decode_body(request, self.config.max_body_bytes))
         for index, (prediction_id, _label) in enumerate(items):  # all known, or none is taken
             if not self.sampler.remembers(prediction_id):
                 where = f"feedback[{index}]: " if len(items) > 1 else ""
@@ -477,20 +394,210 @@ class InferenceServer:
 
     async def _infer(self, request: Request, match: re.Match[str]) -> Response:
         model = self._matching_model(match)
+        body = decode_body(request, self.config.max_body_bytes)
         try:
             decoded = kserve.decode_request(
-                request.body, request.headers.get(kserve.HEADER_LENGTH.lower()), model.manifest,
+                body, request.headers.get(kserve.HEADER_LENGTH.lower()), model.manifest,
                 max_items=self.config.max_texts,
             )  # fmt: skip
         except kserve.ProtocolViolation as exc:
             raise RequestError(exc.status, str(exc)) from None
-        if model.manifest.task == "text-classification":
-            check_texts(decoded.inputs, self.config)
-        version, predictions = await self.infer(decoded.inputs)
-        self.observe(decoded.inputs, version, predictions, model.manifest.task)
+        self.service.check_inputs(decoded.inputs, model)
+        version, predictions = await self.service.infer(decoded.inputs)
+        self.service.observe(decoded.inputs, version, predictions, model.manifest.task)
         payload, headers = kserve.encode_response(
             decoded, predictions, model=self.model_name, version=version, labels=model.labels
         )
         return Response(
             HTTPStatus.OK, payload, headers, "application/json" if not headers else "application/octet-stream"
         )
+
+
+class _Connection(asyncio.Protocol):
+    """One HTTP/1.1 connection: llhttp framing, per-phase timeouts, pipelined requests in order."""
+
+    def __init__(self, server: InferenceServer) -> None:
+        self.server = server
+        self.config = server.config
+        self.loop = server.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.pending: deque[Request] = deque()
+        self.busy = False
+        self.closing = False
+        self.counted = False
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.timer: asyncio.TimerHandle | None = None
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._header_bytes = 0
+        self._body: list[bytes] = []
+        self._body_size = 0
+
+    # -- transport events -------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if self.server.connections >= self.config.max_connections:
+            log.warning("refused a connection: %d open, the limit is %d", self.server.connections,
+                        self.config.max_connections)  # fmt: skip
+            self._fail(RequestError(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; try again"))
+            return
+        self.server.connections += 1
+        self.counted = True
+        self._arm(self.config.idle_timeout_s, None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.counted:
+            self.server.connections -= 1
+            self.counted = False
+        self.closing = True
+        self.writable.set()
+        self._cancel_timer()
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return  # lingering after an error: read and dropped
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, RequestError):
+                self._fail(cause)
+            else:
+                log.error("HTTP parser callback failed: %r", cause)
+                self._fail(RequestError(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error"))
+        except httptools.HttpParserUpgrade:
+            self._fail(RequestError(HTTPStatus.BAD_REQUEST, "protocol upgrades are not supported"))
+        except httptools.HttpParserError as exc:
+            self._fail(RequestError(HTTPStatus.BAD_REQUEST, f"malformed HTTP request: {exc}"))
+
+    # -- llhttp callbacks -------------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._url, self._headers, self._header_bytes = b"", {}, 0
+        self._body, self._body_size = [], 0
+        self._arm(self.config.header_timeout_s, "request headers did not arrive in time")
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > MAX_URL_BYTES:
+            raise RequestError(HTTPStatus.REQUEST_URI_TOO_LONG, f"URL longer than {MAX_URL_BYTES} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > MAX_HEADER_BYTES:
+            raise RequestError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request headers too large")
+        key = name.decode("latin-1").lower()
+        if key in self._headers:
+            if key in ("content-length", "host", "content-encoding", "content-type"):
+                raise RequestError(HTTPStatus.BAD_REQUEST, f"header {key} given twice")
+            self._headers[key] += ", " + value.decode("latin-1")
+        else:
+            self._headers[key] = value.decode("latin-1")
+        if len(self._headers) > MAX_HEADERS:
+            raise RequestError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"more than {MAX_HEADERS} headers")
+
+    def on_headers_complete(self) -> None:
+        self._arm(self.config.body_timeout_s, "request body did not arrive in time")
+        length = self._headers.get("content-length")
+        if length is None and "transfer-encoding" not in self._headers and self.parser.get_method() == b"POST":
+            raise RequestError(HTTPStatus.LENGTH_REQUIRED, "POST needs a Content-Length or a chunked body")
+        limit = self.config.max_body_bytes
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {length} bytes; the limit is {limit}")
+        if self._headers.get("expect", "").lower() == "100-continue" and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        if self._body_size > self.config.max_body_bytes:
+            raise RequestError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over the limit of {self.config.max_body_bytes} bytes"
+            )
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self._cancel_timer()
+        url = httptools.parse_url(self._url) if self._url else None
+        path = url.path.decode("latin-1") if url is not None and url.path else "/"
+        method = self.parser.get_method().decode("latin-1")
+        request = Request(method, path, self._headers, b"".join(self._body), self.parser.should_keep_alive())
+        self.pending.append(request)
+        if len(self.pending) > 1 and self.transport is not None:
+            self.transport.pause_reading()  # pipelining: read no further until the backlog is answered
+        if not self.busy:
+            self.busy = True
+            self.loop.create_task(self._serve())
+
+    # -- answering --------------------------------------------------------------------------------
+    async def _serve(self) -> None:
+        try:
+            while self.pending and not self.closing and self.transport is not None:
+                request = self.pending.popleft()
+                response = await self.server.handle(request)
+                keep_alive = request.keep_alive and not self.closing
+                self.transport.write(response.encode(keep_alive=keep_alive, head=request.method == "HEAD"))
+                if not keep_alive:
+                    self.closing = True
+                    self.transport.close()
+                    return
+                try:  # a client that does not read its answers does not hold the connection forever
+                    await asyncio.wait_for(self.writable.wait(), self.config.idle_timeout_s)
+                except TimeoutError:
+                    self.closing = True
+                    self.transport.abort()
+                    return
+                if len(self.pending) <= 1 and not self.transport.is_closing():
+                    self.transport.resume_reading()
+        finally:
+            self.busy = False
+        if not self.closing:
+            self._arm(self.config.idle_timeout_s, None)
+
+    def _fail(self, exc: RequestError) -> None:
+        """Answer an error that ends the connection (framing, limits, timeouts), and close it.
+
+        A lingering close: the write side is shut, what the client still sends is read and
+        dropped for a moment, so the kernel does not answer it with a reset that would destroy the
+        error response before the client has read it."""
+        self.closing = True
+        self._cancel_timer()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(_error(exc).encode(keep_alive=False))
+        if transport.can_write_eof():
+            transport.write_eof()
+            self.timer = self.loop.call_later(LINGER_S, transport.close)
+        else:
+            transport.close()
+
+    def eof_received(self) -> bool:
+        return False  # the client is done sending: close
+
+    def _arm(self, seconds: float, message: str | None) -> None:
+        """A timeout for the phase that starts now; ``message`` None: an idle keep-alive connection."""
+        self._cancel_timer()
+        self.timer = self.loop.call_later(seconds, self._timed_out, message)
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _timed_out(self, message: str | None) -> None:
+        self.timer = None
+        if self.busy or self.closing or self.transport is None:
+            return
+        if message is None:
+            self.closing = True
+            self.transport.close()  # an idle keep-alive connection: closed without a word, as usual
+        else:
+            self._fail(RequestError(HTTPStatus.REQUEST_TIMEOUT, message))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -21,6 +22,7 @@ from edge_agent.protocol.manifest import ImagePreprocessing, Manifest
 from edge_agent.runtime.classifier import Prediction
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "statistics"]
 NUMERIC = {
     "FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT8": np.int8, "INT16": np.int16,
     "INT32": np.int32, "INT64": np.int64, "UINT8": np.uint8, "UINT16": np.uint16,
@@ -41,6 +43,30 @@ class InferRequest:
     inputs: list[Any]  # texts, or images as arrays
     binary_outputs: set[str] = field(default_factory=set)
     requested: list[str] = field(default_factory=list)
+    classification: dict[str, int] = field(default_factory=dict)  # output -> top-k (``class_count``)
+
+
+@dataclass
+class InferenceStats:
+    """Counts for the Triton statistics extension (``GET /v2/models/{name}/stats``); one per service."""
+
+    success_count: int = 0
+    success_ns: int = 0
+    fail_count: int = 0
+    fail_ns: int = 0
+    inference_count: int = 0  # inputs
+    last_inference_ms: int = 0
+
+    def record(self, *, ok: bool, seconds: float, inputs: int) -> None:
+        ns = int(seconds * 1e9)
+        if ok:
+            self.success_count += 1
+            self.success_ns += ns
+            self.inference_count += inputs
+        else:
+            self.fail_count += 1
+            self.fail_ns += ns
+        self.last_inference_ms = int(time.time() * 1000)
 
 
 def input_spec(manifest: Manifest) -> dict[str, Any]:
@@ -65,6 +91,64 @@ def model_metadata(name: str, manifest: Manifest) -> dict[str, Any]:
     }
 
 
+def model_config(name: str, manifest: Manifest, max_batch: int) -> dict[str, Any]:
+    """The Triton model configuration (``GET /v2/models/{name}/config``) as far as it fits this server."""
+    spec = input_spec(manifest)
+    if spec["datatype"] == "BYTES":
+        model_input = {"name": "text", "data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}}
+    else:
+        model_input = {"name": "image", "data_type": "TYPE_FP32", "dims": spec["shape"][1:]}
+    return {
+        "name": name,
+        "platform": "onnxruntime_onnx",
+        "backend": "onnxruntime",
+        "version_policy": {"latest": {"num_versions": 1}},
+        "max_batch_size": max_batch,
+        "input": [model_input],
+        "output": [
+            {"name": "label", "data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}},
+            {"name": "probabilities", "data_type": "TYPE_FP32", "dims": [len(manifest.labels)]},
+        ],
+        "dynamic_batching": {},
+        "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
+        "parameters": {
+            "labels": {"string_value": ",".join(manifest.labels)},
+            "quantization": {"string_value": manifest.quantization},
+        },
+    }
+
+
+def statistics(name: str, model: Any, stats: InferenceStats) -> dict[str, Any]:
+    """Triton's statistics extension for the one model (``GET /v2/models[/{name}]/stats``)."""
+
+    def duration(count: int, ns: int) -> dict[str, int]:
+        return {"count": count, "ns": ns}
+
+    version = str(model.version) if model is not None else ""
+    return {
+        "model_stats": [
+            {
+                "name": name,
+                "version": version,
+                "last_inference": stats.last_inference_ms,
+                "inference_count": stats.inference_count,
+                "execution_count": stats.success_count,
+                "inference_stats": {
+                    "success": duration(stats.success_count, stats.success_ns),
+                    "fail": duration(stats.fail_count, stats.fail_ns),
+                    "queue": duration(0, 0),
+                    "compute_input": duration(0, 0),
+                    "compute_infer": duration(stats.success_count, stats.success_ns),
+                    "compute_output": duration(0, 0),
+                    "cache_hit": duration(0, 0),
+                    "cache_miss": duration(0, 0),
+                },
+                "batch_stats": [],
+            }
+        ]
+    }
+
+
 def decode_request(body: bytes, header_length: str | None, manifest: Manifest, *, max_items: int) -> InferRequest:
     """Parse an infer request (JSON, or JSON plus binary tensors) for ``manifest``'s model."""
     if header_length is not None:
@@ -81,6 +165,8 @@ def decode_request(body: bytes, header_length: str | None, manifest: Manifest, *
         request = json.loads(head)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolViolation(f"request is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolViolation("request is JSON nested too deep") from None
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise ProtocolViolation('request must be a JSON object with an "inputs" list')
     spec = input_spec(manifest)
@@ -102,9 +188,21 @@ def decode_request(body: bytes, header_length: str | None, manifest: Manifest, *
     binary_outputs = {o["name"] for o in outputs if (o.get("parameters") or {}).get("binary_data", default_binary)} or (
         set(requested) if default_binary else set()
     )
+    classification = {o["name"]: _class_count(o, len(manifest.labels)) for o in outputs
+                      if "classification" in (o.get("parameters") or {})}  # fmt: skip
     request_id = request.get("id")
     return InferRequest(id=str(request_id) if request_id is not None else None, inputs=inputs,
-                        binary_outputs=binary_outputs, requested=requested)  # fmt: skip
+                        binary_outputs=binary_outputs, requested=requested,
+                        classification=classification)  # fmt: skip
+
+
+def _class_count(output: dict[str, Any], classes: int) -> int:
+    count = output["parameters"]["classification"]
+    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= classes:
+        raise ProtocolViolation(
+            f"output {output['name']!r}: classification (class_count) must be an integer from 1 to {classes}"
+        )
+    return count
 
 
 def _decode_tensor(
@@ -114,6 +212,8 @@ def _decode_tensor(
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise ProtocolViolation(f"input {name!r}: shape must be a list of non-negative integers")
+    if shape[0] == 0 or 0 in shape:
+        raise ProtocolViolation(f"input {name!r}: shape {shape} is empty; nothing to classify")
     if shape[0] > max_items:
         raise ProtocolViolation(
             f"input {name!r}: batch of {shape[0]}; the limit is {max_items}", HTTPStatus.REQUEST_ENTITY_TOO_LARGE
@@ -190,11 +290,19 @@ def encode_response(
     label_values = [p.label for p in predictions]
     probabilities = np.asarray([[p.scores[label] for label in labels] for p in predictions], dtype=np.float32)
     outputs, blobs = [], []
+    out: dict[str, Any]
     for name in request.requested:
-        if name == "label":
-            out: dict[str, Any] = {"name": "label", "datatype": "BYTES", "shape": [n]}
+        if name in request.classification:  # Triton's classification extension: "score:index:label", best first
+            k = request.classification[name]
+            top = [np.argsort(-row, kind="stable")[:k].tolist() for row in probabilities]
+            strings = [f"{row[i]:f}:{i}:{labels[i]}" for row, idx in zip(probabilities, top, strict=True) for i in idx]
+            out = {"name": name, "datatype": "BYTES", "shape": [n, k]}
+            blob = b"".join(struct.pack("<I", len(v.encode())) + v.encode() for v in strings)
+            data: Any = strings
+        elif name == "label":
+            out = {"name": "label", "datatype": "BYTES", "shape": [n]}
             blob = b"".join(struct.pack("<I", len(v.encode())) + v.encode() for v in label_values)
-            data: Any = label_values
+            data = label_values
         else:
             out = {"name": "probabilities", "datatype": "FP32", "shape": [n, len(labels)]}
             blob = probabilities.tobytes()

@@ -1,0 +1,251 @@
+"""The transport-neutral inference service: what every front end (HTTP, the Open Inference
+Protocol, MQTT request/response) calls.
+
+It owns validation, batching, sampling, metrics and the post-update watch hook, and decides
+the class of every error at the one place it enters:
+
+- **the caller's mistake** (bad JSON, nested too deep, an empty batch, text that cannot be
+  encoded, wrong shapes, too large): a 4xx :class:`RequestError`, raised before the tokenizer or
+  onnxruntime sees the input, and never counted against a model version;
+- **overload or no model**: 503 (or 504 when a request outlives its timeout), not counted;
+- **the model's failure** (onnxruntime raised, NaN outputs...): a 500, counted against the
+  version that failed, so the watch window can roll it back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from http import HTTPStatus
+from typing import Any
+
+from edge_agent.config import HttpConfig, ServingConfig
+from edge_agent.runtime import Classifier, InputError, ModelHolder, Prediction
+from edge_agent.sampling import Sampler
+from edge_agent.serving.batcher import Batcher, ModelFailure, NoModel, Overloaded
+from edge_agent.serving.kserve import InferenceStats
+from edge_agent.serving.metrics import ServingMetrics
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(Exception):
+    """A request that gets an error answer; ``status`` is its HTTP status (MQTT replies carry it too)."""
+
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def loads_json(data: bytes, what: str = "body") -> Any:
+    """Parse JSON from a client: not UTF-8, not JSON or nested too deep is a 400 naming the problem."""
+    try:
+        return json.loads(data)
+    except UnicodeDecodeError as exc:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"{what} is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    except json.JSONDecodeError as exc:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"{what} is JSON nested too deep") from None
+
+
+def encodable(text: str) -> bool:
+    """Whether ``text`` is valid Unicode (a JSON "\\ud800" escape decodes to a lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_texts(texts: list[Any], config: HttpConfig) -> None:
+    """Texts the tokenizer can take, within the configured size; else a 4xx naming the first bad one."""
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"texts[{index}] is not a string")
+        if len(text) > config.max_text_chars:
+            raise RequestError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"texts[{index}] has {len(text)} characters; the limit is {config.max_text_chars}",
+            )
+        if not encodable(text):
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"texts[{index}] is not valid Unicode (a lone surrogate?)")
+
+
+def check_images(images: list[Any], model: Classifier) -> None:
+    """Finite numeric arrays of the model's shape, else a 400: decided before a batch is formed,
+    so one bad request never reaches onnxruntime beside another."""
+    try:
+        model.feeds(images)
+    except InputError as exc:
+        raise RequestError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"images are not numeric arrays: {exc}") from None
+
+
+def prediction_dicts(predictions: list[Prediction], ids: list[str] | None) -> list[dict[str, Any]]:
+    """Predictions as JSON objects; each with its ``id`` when the sampler gave one (feedback names it)."""
+    out: list[dict[str, Any]] = [{"label": p.label, "score": p.score, "scores": p.scores} for p in predictions]
+    for item, prediction_id in zip(out, ids or [], strict=False):
+        item["id"] = prediction_id
+    return out
+
+
+class InferenceService:
+    """Validation, batching, sampling, metrics and the watch hook, for every front end.
+
+    Args:
+        limits: request size limits (the ``[http]`` section applies to every front end).
+        serving: batching and timeouts.
+        holder: the serving model.
+        model_name: the model's name, for URLs and replies.
+        metrics: where requests are counted.
+        on_result: called with ``(version, ok)`` after each inference (the watch window listens);
+            ``ok`` is false only for the model's own failures.
+        sampler: sees every prediction, gives it an id and keeps the hard ones; takes feedback.
+    """
+
+    def __init__(
+        self,
+        *,
+        limits: HttpConfig,
+        holder: ModelHolder,
+        model_name: str,
+        serving: ServingConfig | None = None,
+        metrics: ServingMetrics | None = None,
+        on_result: Callable[[int, bool], None] | None = None,
+        sampler: Sampler | None = None,
+    ) -> None:
+        self.limits = limits
+        self.serving = serving or ServingConfig()
+        self.holder = holder
+        self.model_name = model_name
+        self.metrics = metrics or ServingMetrics()
+        self.on_result = on_result or (lambda _version, _ok: None)
+        self.sampler = sampler
+        self.batcher = Batcher(
+            model=holder.get,
+            max_batch=self.serving.max_batch,
+            max_delay_ms=self.serving.max_queue_delay_ms,
+            queue_size=self.serving.queue_size,
+            on_batch=self.metrics.batch_size.observe,
+            workers=self.serving.workers,
+        )
+        self._in_flight = 0  # requests inside infer(); touched only on the event loop's thread
+        self.stats = InferenceStats()  # Triton's statistics extension
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    def stop(self) -> None:
+        self.batcher.stop()
+
+    # -- validation -------------------------------------------------------------------------------
+    def model(self) -> Classifier:
+        model = self.holder.get()
+        if model is None:
+            raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, "no verified model is active yet")
+        return model
+
+    def parse_predict(self, body: bytes, model: Classifier) -> list[Any]:
+        """Validate a ``/v1/predict`` body (``{"texts": [...]}`` or ``{"images": [...]}``) for ``model``."""
+        if len(body) > self.limits.max_body_bytes:
+            raise RequestError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"request of {len(body)} bytes; the limit is {self.limits.max_body_bytes}",
+            )
+        data = loads_json(body)
+        task = model.manifest.task
+        key = "images" if task == "image-classification" else "texts"
+        if not isinstance(data, dict) or key not in data:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f'body must be a JSON object with a "{key}" list')
+        items = data[key]
+        kind = "strings" if key == "texts" else "pixel arrays"
+        if not isinstance(items, list) or (key == "texts" and not all(isinstance(t, str) for t in items)):
+            raise RequestError(HTTPStatus.BAD_REQUEST, f'"{key}" must be a list of {kind}')
+        self.check_inputs(items, model)
+        return items
+
+    def check_inputs(self, items: list[Any], model: Classifier) -> None:
+        """What every front end's inputs must pass before a batch: not empty, not too many, valid."""
+        noun = "images" if model.manifest.task == "image-classification" else "texts"
+        if not items:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f'"{noun}" is empty: nothing to classify')
+        if len(items) > self.limits.max_texts:
+            raise RequestError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"{len(items)} {noun} in one request; the limit is {self.limits.max_texts}",
+            )
+        if model.manifest.task == "image-classification":
+            check_images(items, model)
+        else:
+            check_texts(items, self.limits)
+
+    # -- running ----------------------------------------------------------------------------------
+    def submit(self, inputs: list[Any]) -> Future[tuple[int, list[Prediction]]]:
+        """Queue validated inputs (from any thread); overload is a 503 :class:`RequestError`."""
+        try:
+            return self.batcher.submit(inputs)
+        except Overloaded as exc:
+            raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc)) from None
+
+    async def infer(self, inputs: list[Any]) -> tuple[int, list[Prediction]]:
+        """Run validated inputs on the event loop's thread; every failure is a classified :class:`RequestError`."""
+        self._in_flight += 1
+        start = time.perf_counter()
+        try:
+            # Let the other connections whose requests are already readable reach this point too:
+            # a request alone runs inline on the loop (no thread hand-off); with company, every one
+            # goes to the batcher's workers, the loop stays free to read more, and batches form.
+            await asyncio.sleep(0)
+            inline = self.batcher.try_inline(inputs) if self._in_flight == 1 else None
+            if inline is not None:
+                version, predictions = inline
+            else:
+                future = asyncio.wrap_future(self.submit(inputs))
+                version, predictions = await asyncio.wait_for(future, self.serving.request_timeout_s)
+        except RequestError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status; the server goes on
+            self.stats.record(ok=False, seconds=time.perf_counter() - start, inputs=len(inputs))
+            raise self.failure(exc) from None
+        finally:
+            self._in_flight -= 1
+        self.succeeded(version, len(inputs), time.perf_counter() - start)
+        return version, predictions
+
+    def succeeded(self, version: int, inputs: int, seconds: float) -> None:
+        """Count a successful inference (any front end)."""
+        self.stats.record(ok=True, seconds=seconds, inputs=inputs)
+        self.on_result(version, True)
+
+    def failure(self, exc: BaseException) -> RequestError:
+        """Classify a failed inference; only the model's own failures count against its version."""
+        if isinstance(exc, RequestError):
+            return exc
+        if isinstance(exc, (Overloaded, NoModel)):
+            return RequestError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc))
+        if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+            return RequestError(HTTPStatus.GATEWAY_TIMEOUT, "inference did not finish in time")
+        if isinstance(exc, InputError):  # validation should have caught it; still the caller's input
+            return RequestError(HTTPStatus.BAD_REQUEST, str(exc))
+        if isinstance(exc, ModelFailure):
+            self.on_result(exc.version, False)
+            log.warning("inference failed in v%s: %s", exc.version, exc)
+            return RequestError(HTTPStatus.INTERNAL_SERVER_ERROR, f"inference failed: {exc}")
+        log.exception("inference failed outside the model", exc_info=exc)
+        return RequestError(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {type(exc).__name__}")
+
+    def observe(self, inputs: list[Any], version: int, predictions: list[Prediction], task: str) -> list[str] | None:
+        """Show a request's predictions to the sampler; their ids, or None without one. Never raises."""
+        if self.sampler is None:
+            return None
+        try:
+            return self.sampler.observe(inputs, predictions, version, text=task == "text-classification")
+        except Exception:  # sampling must never fail a request
+            log.exception("sampling failed")
+            return None
