@@ -35,7 +35,7 @@ class Requester:
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         with self._cond:
             if msg.topic == "test/replies":
-                self.replies[msg.properties.CorrelationData] = json.loads(msg.payload)
+                self.replies[getattr(msg.properties, "CorrelationData", b"")] = json.loads(msg.payload)
             else:
                 self.telemetry.append(json.loads(msg.payload))
             self._cond.notify_all()
