@@ -152,6 +152,7 @@ class MqttTransport:
         self._pending_subacks: dict[int, list[str]] = {}
         self._connect_hooks: list[Callable[[], None]] = []
         self._connect_refusal: str | None = None
+        self.broker_max_packet: int | None = None  # MQTT 5 CONNACK Maximum Packet Size, when the broker sets one
         self._answered = threading.Event()  # a CONNACK (either way) or a close before one
         self._refusals: OrderedDict[int, ReasonCode] = OrderedDict()  # mid -> PUBACK reason that did not take it
         version = protocol_version(protocol)
@@ -386,6 +387,13 @@ class MqttTransport:
         self._run_calls(calls)
 
     # -- publishing -------------------------------------------------------------------------------
+    def max_payload(self, topic: str, default: int) -> int:
+        """The largest payload the broker takes on ``topic`` (its CONNACK Maximum Packet Size less
+        the PUBLISH header), at most ``default``."""
+        if self.broker_max_packet is None:
+            return default
+        return max(0, min(default, self.broker_max_packet - len(topic.encode()) - 64))
+
     def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, properties: Properties | None = None
     ) -> mqtt.MQTTMessageInfo:
@@ -457,6 +465,7 @@ class MqttTransport:
             log.warning("broker %s:%s refused the connection: %s", self.host, self.port, reason)
             return
         self._connect_refusal = None
+        self.broker_max_packet = getattr(_props, "MaximumPacketSize", None) if _props is not None else None
         with self._lock:
             self._is_connected = True
             subs = list(self._subs.items())

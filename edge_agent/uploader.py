@@ -171,14 +171,15 @@ class SampleUploader:
         parsed = self._readable(items)
         if not parsed:
             return True
+        limit = self._transport.max_payload(self._topic, MAX_BATCH_BYTES)  # the broker may take less
         payload = self._encode([record for _, record in parsed])
-        while len(payload) > MAX_BATCH_BYTES and len(parsed) > 1:
+        while len(payload) > limit and len(parsed) > 1:
             parsed = parsed[: len(parsed) // 2]
             payload = self._encode([record for _, record in parsed])
         items = [item for item, _ in parsed]
-        if len(payload) > MAX_BATCH_BYTES:  # one record alone too large: it can never travel
+        if len(payload) > limit:  # one record alone too large: it can never travel
             log.warning("sample %s is %d bytes compressed, over the %d limit; dropped", items[0].id, len(payload),
-                        MAX_BATCH_BYTES)  # fmt: skip
+                        limit)  # fmt: skip
             self._outbox.discard(items)
             return True
         info = self._transport.publish(self._topic, payload, qos=1)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cloud_trainer.errors import BrokerError
-from cloud_trainer.localbroker import LocalBroker
+from cloud_trainer.localbroker import LocalBroker, free_port, mosquitto_config
 from cloud_trainer.publish import Publisher
 from edge_agent.transport import MqttTransport, TransportError
 from tests.test_update_attacks import dynsec_broker
@@ -93,3 +93,21 @@ def test_the_publisher_names_a_broker_that_is_not_there() -> None:
         Publisher(host="127.0.0.1", port=1),
     ):
         pass
+
+
+def test_the_broker_packet_limit_from_connack_bounds_payloads(tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "mosquitto.conf"
+    config.write_text(mosquitto_config(port).replace("max_packet_size 1048576", "max_packet_size 8192"))
+    broker = LocalBroker(host="127.0.0.1", port=port, kind="mosquitto", workdir=tmp_path,
+                         log_file=tmp_path / "broker.log", config_file=config)  # fmt: skip
+    broker.restart()
+    transport = MqttTransport(host=broker.host, port=broker.port, client_id="t-packet")
+    try:
+        transport.connect()
+        assert transport.broker_max_packet == 8192
+        limit = transport.max_payload("edgeloop/v1/f/devices/d/samples", 96 * 1024)
+        assert 8000 < limit < 8192  # what the uploader's batches are cut to
+    finally:
+        transport.stop()
+        broker.stop()

@@ -548,12 +548,13 @@ class _Connection(asyncio.Protocol):
                     self.closing = True
                     self.transport.close()
                     return
-                try:  # a client that does not read its answers does not hold the connection forever
-                    await asyncio.wait_for(self.writable.wait(), self.config.idle_timeout_s)
-                except TimeoutError:
-                    self.closing = True
-                    self.transport.abort()
-                    return
+                if not self.writable.is_set():  # the client does not read its answers: not forever
+                    try:
+                        await asyncio.wait_for(self.writable.wait(), self.config.idle_timeout_s)
+                    except TimeoutError:
+                        self.closing = True
+                        self.transport.abort()
+                        return
                 if len(self.pending) <= 1 and not self.transport.is_closing():
                     self.transport.resume_reading()
         finally:
