@@ -175,7 +175,7 @@ def test_samples_wait_on_the_device_until_a_collector_subscribes(
     ids = predict_ids(agent, TEXTS)
     time.sleep(3)  # several upload attempts, each refused
     assert metric(agent, "edge_agent_samples_queued") == len(TEXTS)
-    assert metric(agent, "edge_agent_samples_uploaded") == 0
+    assert metric(agent, "edge_agent_samples_uploaded_total") == 0
     assert "no matching subscribers" in agent.log().lower()
     store = SampleStore(tmp_path / "store", collector=True)
     collector = collector_for(store, broker, fleet)
