@@ -4,6 +4,7 @@ cloud-train collect --fleet plant-7 [--store DIR] [--share-group collectors]
 cloud-train samples list --model intents --unlabelled
 cloud-train samples export --model intents --out to-label.csv      # or --format label-studio
 cloud-train samples import labelled.csv                            # or a Label Studio JSON export
+cloud-train samples verify [--fix]                                 # Parquet and the index agree?
 cloud-train sampling set --fleet plant-7 --model intents --low-confidence 0.7 --random-rate 0.01
 """
 
@@ -102,6 +103,33 @@ def _cmd_samples(args: argparse.Namespace) -> int:
     return 0
 
 
+SHOWN_PROBLEMS = 50
+
+
+def _cmd_samples_verify(args: argparse.Namespace) -> int:
+    """Exit 0 when the store's Parquet parts and index agree, 1 with the problems otherwise."""
+    store = _store(args)
+    check = store.verify()
+    for problem in check.problems[:SHOWN_PROBLEMS]:
+        print(f"problem: {problem}")
+    if len(check.problems) > SHOWN_PROBLEMS:
+        print(f"... and {len(check.problems) - SHOWN_PROBLEMS} more problems")
+    removed = store.remove_orphans() if check.orphans and args.fix else []
+    for path in removed:
+        print(f"removed orphan part {path}")
+    left = [path for path in check.orphans if path not in removed]
+    for path in left:
+        print(f"orphan part: {path} (written, never indexed: a crash's leftover)")
+    summary = f"{check.parts} parts, {check.records} records, {check.samples} samples"
+    if not check.problems and not left:
+        fixed = f" ({len(removed)} orphan parts removed)" if removed else ""
+        print(f"verify: {summary}: Parquet and the index agree{fixed}")
+        return 0
+    hint = " (--fix removes them)" if left else ""
+    print(f"verify: {summary}: {len(check.problems)} problems, {len(left)} orphan parts{hint}")
+    return 1
+
+
 def _cmd_sampling(args: argparse.Namespace) -> int:
     from cloud_trainer.errors import CloudTrainError
     from cloud_trainer.publish import Publisher
@@ -136,6 +164,15 @@ def _cmd_sampling(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_verify_command(samples: Any) -> None:
+    v = samples.add_parser(
+        "verify", help="check that the Parquet parts and the index agree (exit 0) or list the problems (exit 1)"
+    )
+    v.add_argument("--store", type=Path, default=argparse.SUPPRESS, help=STORE_HELP)  # after verify too
+    v.add_argument("--fix", action="store_true", help="remove orphan parts (a crashed batch's, never indexed)")
+    v.set_defaults(func=_cmd_samples_verify)
+
+
 def add_sample_commands(sub: Any) -> None:
     c = sub.add_parser("collect", help="collect the fleet's samples into the sample store (runs until stopped)")
     c.add_argument("--fleet", required=True)
@@ -158,7 +195,7 @@ def add_sample_commands(sub: Any) -> None:
     add_connection_arguments(c)
     c.set_defaults(func=_cmd_collect)
 
-    s = sub.add_parser("samples", help="collected samples: list, show, export for labelling, import labels")
+    s = sub.add_parser("samples", help="collected samples: list, show, export, import labels, verify")
     s.add_argument("--store", type=Path, help=STORE_HELP)
     ss = s.add_subparsers(dest="samples_command", required=True)
     ls = ss.add_parser("list", help="samples in the store")
@@ -178,6 +215,7 @@ def add_sample_commands(sub: Any) -> None:
     ex.add_argument("--all", action="store_true", help="labelled ones too")
     im = ss.add_parser("import", help="read labels back: a CSV with id,label columns or a Label Studio JSON export")
     im.add_argument("file", type=Path)
+    _add_verify_command(ss)
     s.set_defaults(func=_cmd_samples)
 
     p = sub.add_parser("sampling", help="change the devices' sampling policy remotely (retained on the broker)")

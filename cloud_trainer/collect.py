@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sqlite3
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -141,29 +142,34 @@ class Collector:
             self._on_batch(self.stats)
 
     def _store(self, message: mqtt.MQTTMessage) -> bool:
+        """Store one batch, all of it or none; False if it is refused (counted as malformed).
+
+        Every record is checked before anything is stored (:meth:`SampleBatch.from_bytes`: finite
+        numbers, real times, names and labels by pattern, sizes); one bad record refuses the batch.
+        A batch the store cannot take for good (a constraint, a value Parquet cannot hold) is
+        refused too, with nothing stored; any other store failure raises and the batch stays
+        unacknowledged.
+        """
         try:
             batch = SampleBatch.from_bytes(bytes(message.payload))
         except ProtocolError as exc:
-            self.stats.malformed += 1
-            self.stats.errors.append(f"{message.topic}: {exc}")
-            log.error("dropped a malformed batch on %s: %s", message.topic, exc)
-            return False
+            return self._refuse(message, str(exc), "a malformed batch")
         device = message.topic.split("/")[-2]
         claims = {batch.device, *(r.device for r in batch.records)}, {batch.fleet, *(r.fleet for r in batch.records)}
         if claims != ({device}, {self.fleet}):
-            self.stats.malformed += 1
-            self.stats.errors.append(f"{message.topic}: records claim another device or fleet")
-            log.error("dropped a batch on %s whose records claim another device or fleet", message.topic)
-            return False
+            return self._refuse(message, "records claim another device or fleet", "a batch")
         try:
             result = self.store.add_batch(batch)
-        except (ValueError, UnicodeError) as exc:  # this batch can never be stored: say so, take it off the broker
-            self.stats.malformed += 1
-            self.stats.errors.append(f"{message.topic}: cannot be stored: {exc}")
-            log.error("dropped a batch on %s that cannot be stored: %s", message.topic, exc)
-            return False
+        except (ValueError, UnicodeError, sqlite3.IntegrityError) as exc:  # never storable: take it off the broker
+            return self._refuse(message, f"cannot be stored: {exc}", "a batch that cannot be stored")
         self.stats.batches += 1
         self.stats.new_records += result.new_records
         self.stats.duplicates += result.duplicates
         log.info("batch from %s: %d new, %d already stored", device, result.new_records, result.duplicates)
         return True
+
+    def _refuse(self, message: mqtt.MQTTMessage, problem: str, what: str) -> bool:
+        self.stats.malformed += 1
+        self.stats.errors.append(f"{message.topic}: {problem}")
+        log.error("dropped %s on %s: %s", what, message.topic, problem)
+        return False

@@ -10,6 +10,7 @@ per-class and overall hourly caps. Kept records go to a
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import sys
@@ -35,6 +36,8 @@ the record objects and the array header (measured with tracemalloc on CPython 3.
 SCORE_BYTES = 64
 """What one class's score costs in a prediction's ``scores`` dict (measured: 50-60; a 1,000-class
 model's scores outweigh a 28x28x3 image 20 times)."""
+
+log = logging.getLogger(__name__)
 
 
 class UnknownPrediction(KeyError):
@@ -198,6 +201,7 @@ class Sampler:
         self._lock = threading.Lock()
         self.kept = 0
         self.capped = 0
+        self.invalid = 0  # kept by the rules but not valid on the wire (see _valid_record)
 
     @property
     def rules(self) -> SamplingRules:
@@ -235,8 +239,22 @@ class Sampler:
                 self._recent_bytes -= self._recent.popitem(last=False)[1].size
             self.kept += len(chosen)
         if chosen:
-            self._sink([self._record(prediction_id, one, reasons) for prediction_id, one, reasons in chosen])
+            records = [r for c in chosen if (r := self._valid_record(*c)) is not None]
+            if records:
+                self._sink(records)
         return ids
+
+    def _valid_record(self, prediction_id: str, seen: _Seen, reasons: list[Reason]) -> SampleRecord | None:
+        """The record, or None (counted, logged) when it would not pass the wire contract: a label the
+        model's manifest allows but the contract does not, a device clock before 2020. The
+        prediction itself is unaffected."""
+        try:
+            return self._record(prediction_id, seen, reasons)
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            self.invalid += 1
+            if self.invalid <= 10 or self.invalid % 1000 == 0:
+                log.warning("sample %s not kept (%d so far): %s", prediction_id, self.invalid, str(exc).splitlines()[0])
+            return None
 
     def remembers(self, prediction_id: str) -> bool:
         with self._lock:

@@ -61,6 +61,17 @@ def test_each_rule_fires_on_its_own_kind_of_hard_example() -> None:
     assert 800 < hits < 1200
 
 
+def test_a_record_the_wire_contract_refuses_is_skipped_not_the_request() -> None:
+    kept: list[SampleRecord] = []
+    sampler = make_sampler(SamplingRules(random_rate=1.0), kept)
+    odd = prediction({"bell\x07": 0.6, "ok": 0.4})  # a model label with a control character
+    ids = sampler.observe(["ring"], [odd], 1, text=True)
+    assert len(ids) == 1 and sampler.remembers(ids[0])  # the prediction and its id are unaffected
+    assert (kept, sampler.invalid) == ([], 1)
+    sampler.observe(["fine"], [prediction({"ok": 0.7, "no": 0.3})], 1, text=True)
+    assert len(kept) == 1
+
+
 def test_sampler_keeps_hard_examples_within_hourly_caps() -> None:
     kept: list[SampleRecord] = []
     clock = Clock()
