@@ -30,11 +30,51 @@ def _store(args: argparse.Namespace, *, collector: bool = False) -> Any:
     return SampleStore(args.store or default_store(), collector=collector)
 
 
+SHARE_ENV = "EDGELOOP_SHARE_GROUP"
+GUESSABLE_GROUP = "collectors"
+
+
+def resolve_share_group(given: str | None, *, mqtt_config: Path | None, secure: bool) -> str:
+    """The shared-subscription group a collector joins: ``--share-group``, else ``$EDGELOOP_SHARE_GROUP``,
+    else the ``share.env`` that ``cloud-train pki init`` wrote beside the collector's mqtt.toml.
+
+    On a secure broker (TLS or credentials) a guessable group is refused: a device that subscribes
+    to it would be handed every other batch, which the broker then drops (it may not read them).
+    '' means a plain subscription (one collector).
+    """
+    from cloud_trainer.errors import CloudTrainError
+
+    if given is not None:
+        group, source = given, "--share-group"
+    elif os.environ.get(SHARE_ENV):
+        group, source = os.environ[SHARE_ENV], f"${SHARE_ENV}"
+    else:
+        group, source = "", ""
+        env_file = mqtt_config.parent / "share.env" if mqtt_config is not None else None
+        if env_file is not None and env_file.is_file():
+            for line in env_file.read_text().splitlines():
+                key, _, value = line.strip().partition("=")
+                if key == SHARE_ENV and value.strip():
+                    group, source = value.strip().strip('"'), str(env_file)
+        if not group:
+            if secure:
+                raise CloudTrainError(
+                    "no share group: give the collector the secret one from `cloud-train pki init` "
+                    f"(<pki>/collector/share.env beside its mqtt.toml, ${SHARE_ENV} or --share-group); "
+                    f"the guessable default {GUESSABLE_GROUP!r} is refused on a secure broker"
+                )
+            group, source = GUESSABLE_GROUP, "the default"
+    if secure and group == GUESSABLE_GROUP:
+        raise CloudTrainError(f"share group {group!r} (from {source}) is guessable; refused on a secure broker")
+    return group
+
+
 def _cmd_collect(args: argparse.Namespace) -> int:
     from cloud_trainer.collect import Collector, CollectorStats
 
     store = _store(args, collector=True)
     conn = connection_from_args(args)
+    share_group = resolve_share_group(args.share_group, mqtt_config=args.mqtt_config, secure=conn.security is not None)
     done = threading.Event()
 
     def progress(stats: CollectorStats) -> None:
@@ -53,7 +93,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
         port=conn.port,
         security=conn.security,
         topic_root=conn.topic_root,
-        share_group=None if args.share_group == "" else args.share_group,
+        share_group=share_group or None,
         client_id=args.client_id,
         protocol=args.mqtt_protocol,
         on_batch=progress,
@@ -179,9 +219,10 @@ def add_sample_commands(sub: Any) -> None:
     c.add_argument("--store", type=Path, help=STORE_HELP)
     c.add_argument(
         "--share-group",
-        default=os.environ.get("EDGELOOP_SHARE_GROUP", "collectors"),
+        default=None,
         help="MQTT 5 shared-subscription group; collectors in one group split the load "
-        "(default: $EDGELOOP_SHARE_GROUP, else collectors; '' for a plain subscription)",
+        "(default: $EDGELOOP_SHARE_GROUP, else the share.env beside --mqtt-config that `pki init` wrote, "
+        "else 'collectors' on an open broker; '' for a plain subscription)",
     )
     c.add_argument("--client-id", help="fixed, so the broker keeps the session (default: cloud-train-collect-<host>)")
     c.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], default="5", help="MQTT version")

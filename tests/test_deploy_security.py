@@ -448,4 +448,57 @@ def test_the_collector_unit_runs_cloud_train_collect_with_its_real_flags() -> No
     assert args.fleet == FLEET
     assert args.store == Path("/var/lib") / state_directory  # the StateDirectory systemd creates for it
     assert args.mqtt_config == Path("/etc/edgeloop/collector/mqtt.toml")
-    assert (args.share_group, args.count, args.timeout) == ("collectors", None, None)  # shares, runs until stopped
+    assert (args.share_group, args.count, args.timeout) == (None, None, None)  # the secret group: share.env; runs on
+
+
+def test_collect_by_hand_finds_the_secret_group_and_a_guessing_device_gets_nothing(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """`cloud-train collect --mqtt-config <pki>/collector/mqtt.toml`, typed as docs/operations.md
+    shows, with no environment: it reads the secret group from the share.env beside the config."""
+    import os
+    import subprocess
+    import sys
+
+    from cloud_trainer.cli_samples import resolve_share_group
+    from cloud_trainer.errors import CloudTrainError
+    from tests.test_sample_store import batch_of, records
+
+    collector_toml = deployment.pki.root / "collector" / "mqtt.toml"
+    secret = deployment.pki.share_group
+    assert resolve_share_group(None, mqtt_config=collector_toml, secure=True) == secret
+    for refused in ("collectors", None):
+        with pytest.raises(CloudTrainError, match=r"guessable|no share group"):
+            resolve_share_group(refused, mqtt_config=tmp_path / "elsewhere.toml", secure=True)
+
+    fleet = Topics(fleet="plant-3")
+    for name in ("cam-h1", "cam-h2"):
+        deployment.pki.add_device(name, fleet="plant-3", out=deployment.root / name)
+    deployment.broker.sync()
+    env = {k: v for k, v in os.environ.items() if k != "EDGELOOP_SHARE_GROUP"}
+    store = tmp_path / "store"
+    collect = subprocess.Popen(
+        [sys.executable, "-m", "cloud_trainer", "collect", "--fleet", "plant-3", "--store", str(store),
+         "--mqtt-config", str(collector_toml), "--count", "20", "--timeout", "60"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    guesser, sender = deployment.device("cam-h1"), deployment.device("cam-h2")
+    try:
+        assert collect.stdout is not None
+        first = collect.stdout.readline()  # printed once subscribed
+        assert f"$share/{secret}/" in first, first
+        for group in ("collectors", "collector", "edgeloop"):
+            guesser.subscribe(f"$share/{group}/{fleet.all_samples()}")
+        for i in range(20):
+            batch = batch_of(records(1, fleet="plant-3", device="cam-h2", start=i), fleet="plant-3")
+            assert sender.publish(fleet.device_samples("cam-h2"), batch.to_bytes()) == "Success"
+        out, _ = collect.communicate(timeout=90)
+    finally:
+        if collect.poll() is None:
+            collect.kill()
+        guesser.close()
+        sender.close()
+    assert collect.returncode == 0, out
+    assert "stopped: 20 new samples stored" in out
+    assert guesser.messages == []
+    assert SampleStore(store).counts()["samples"] == 20
