@@ -246,15 +246,17 @@ class SupersededChunks:
         topic_root: str | None = None,
         quiet_s: float = QUIET_S,
         timeout_s: float = TIMEOUT_S,
+        transport: MqttTransport | None = None,
     ) -> SupersededChunks:
-        """Note the release retained on ``topic`` now, which a push to ``topic`` is about to replace."""
+        """Note the release retained on ``topic`` now, which a push to ``topic`` is about to replace
+        (over ``transport``, the push's own connection, when given)."""
         broker = _Broker(
             host=host, port=port, protocol=protocol, security=security, quiet_s=quiet_s, timeout_s=timeout_s
         )
         topics = _topics(fleet, topic_root)
         previous = None
         try:
-            payload = _read_retained(broker, [topic], keep_payloads=True).payloads.get(topic)
+            payload = _read_retained(broker, [topic], keep_payloads=True, transport=transport).payloads.get(topic)
             previous = parse_release(payload) if payload else None
         except (CloudTrainError, ProtocolError) as exc:
             log.warning(
@@ -365,12 +367,20 @@ def _release_filters(topics: Topics) -> list[str]:
 
 # -- MQTT -----------------------------------------------------------------------------------------
 def _read_retained(
-    broker: _Broker, filters: Sequence[str], *, keep_payloads: bool, live_messages: bool = True
+    broker: _Broker,
+    filters: Sequence[str],
+    *,
+    keep_payloads: bool,
+    live_messages: bool = True,
+    transport: MqttTransport | None = None,
 ) -> _Snapshot:
     """What the broker retains on ``filters``; see the module docstring for when a read ends.
 
     ``live_messages=False`` ignores messages published while we listen (delivered without the
-    retain flag), except the empty ones that clear a topic.
+    retain flag), except the empty ones that clear a topic. ``transport``: an open connection to
+    read over (its subscriptions are removed after), instead of a connection of our own: a broker
+    that binds client ids to identities (``use_username_as_clientid``) lets one identity hold only
+    one connection at a time.
     """
     snapshot = _Snapshot()
     wildcards = any("+" in f or "#" in f for f in filters)
@@ -387,17 +397,20 @@ def _read_retained(
             last = time.monotonic()
             cond.notify_all()
 
-    transport = MqttTransport(
-        host=broker.host,
-        port=broker.port,
-        client_id=f"cloud-train-gc-{secrets.token_hex(4)}",
-        protocol=broker.protocol,
-        security=broker.security,
-    )
+    own = transport is None
+    if transport is None:
+        transport = MqttTransport(
+            host=broker.host,
+            port=broker.port,
+            client_id=f"cloud-train-gc-{secrets.token_hex(4)}",
+            protocol=broker.protocol,
+            security=broker.security,
+        )
     deadline = time.monotonic() + broker.timeout_s
     try:
         try:
-            transport.connect(timeout_s=min(CONNECT_TIMEOUT_S, broker.timeout_s))
+            if own:
+                transport.connect(timeout_s=min(CONNECT_TIMEOUT_S, broker.timeout_s))
             for topic_filter in filters:
                 transport.subscribe(topic_filter, on_message)
             for topic_filter in filters:  # the broker sends what it retains right after each SUBACK
@@ -417,7 +430,11 @@ def _read_retained(
                     )
                 cond.wait(min(last + broker.quiet_s, deadline) - now)
     finally:
-        transport.stop()
+        if own:
+            transport.stop()
+        else:
+            for topic_filter in filters:
+                transport.unsubscribe(topic_filter)
     return snapshot
 
 

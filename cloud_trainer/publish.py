@@ -149,9 +149,10 @@ def push_bundle(
         if gc:  # note the release this push replaces (chunk_gc builds on Publisher: imported here)
             from cloud_trainer.chunk_gc import SupersededChunks
 
-            superseded = SupersededChunks.read(
-                topic, host=host, port=port, fleet=fleet, protocol=protocol, security=security, topic_root=topic_root
-            )
+            superseded = SupersededChunks.read(  # over this connection: one per identity at a time
+                topic, host=host, port=port, fleet=fleet, protocol=protocol, security=security,
+                topic_root=topic_root, transport=pub.transport,
+            )  # fmt: skip
         manifest_sha = sha256_bytes(manifest_bytes)
         if artifact_url is None:
             for entry in manifest.files:

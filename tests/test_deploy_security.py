@@ -247,11 +247,9 @@ def test_update_and_inference_over_tls_end_to_end(deployment: Deployment, keys: 
     port = free_port()
     config = config_dir / "agent.toml"
     config.write_text(config.read_text() + f"\n[http]\nport = {port}\n")  # the only change to what device add wrote
-    cloud = deployment.connect(deployment.service_security("cloud"), client_id="cloud-e2e")
     agent = AgentProcess(config_path=config, http_port=port, log_path=tmp_path / "agent.log").start()
+    cloud = None
     try:
-        assert cloud.subscribe(T.device_state("cam-e2e")) == "Granted QoS 1"
-        assert cloud.subscribe(f"{T.device_replies('cam-e2e')}/#") == "Granted QoS 1"
         make_tiny_bundle(tmp_path / "v1", version=1)
         cloud_identity = load_mqtt_file(deployment.pki.root / "cloud" / "mqtt.toml")
         push_bundle(
@@ -261,6 +259,11 @@ def test_update_and_inference_over_tls_end_to_end(deployment: Deployment, keys: 
         agent.wait_version(1)
         status, body = agent.predict(["turn on the lights"])
         assert (status, body["predictions"][0]["label"]) == (200, "lights_on")
+        # After the push: the broker binds the client id to the identity, so the cloud identity
+        # holds one connection at a time (push's first, then this one).
+        cloud = deployment.connect(deployment.service_security("cloud"), client_id="cloud-e2e")
+        assert cloud.subscribe(T.device_state("cam-e2e")) == "Granted QoS 1"
+        assert cloud.subscribe(f"{T.device_replies('cam-e2e')}/#") == "Granted QoS 1"
 
         def online_with_v1() -> bool:
             states = [json.loads(p) for t, p, _ in cloud.messages if t == T.device_state("cam-e2e") and p]
@@ -277,7 +280,8 @@ def test_update_and_inference_over_tls_end_to_end(deployment: Deployment, keys: 
         assert reply_props.CorrelationData == b"c-1"
         assert json.loads(payload)["predictions"][0]["label"] == "lights_off"
     finally:
-        cloud.close()
+        if cloud is not None:
+            cloud.close()
         assert agent.stop() == 0, agent.log()
 
 
@@ -483,6 +487,7 @@ def test_collect_by_hand_finds_the_secret_group_and_a_guessing_device_gets_nothi
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     guesser, sender = deployment.device("cam-h1"), deployment.device("cam-h2")
+    assert guesser.accepted and sender.accepted, (guesser.refusal, sender.refusal)
     try:
         assert collect.stdout is not None
         first = collect.stdout.readline()  # printed once subscribed
@@ -502,3 +507,71 @@ def test_collect_by_hand_finds_the_secret_group_and_a_guessing_device_gets_nothi
     assert "stopped: 20 new samples stored" in out
     assert guesser.messages == []
     assert SampleStore(store).counts()["samples"] == 20
+
+
+def test_no_device_can_take_over_another_identitys_client_id(deployment: Deployment, tmp_path: Path) -> None:
+    """The broker makes every client id the identity (use_username_as_clientid): device A connecting
+    as B's or as the collector's client id, MQTT 5 or 3.1.1, gets a session of its own. B stays on,
+    and B's batches wait in the collector's session until it comes back: none is lost."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from tests.test_sample_store import batch_of, records
+
+    fleet_name = "plant-2"
+    fleet = Topics(fleet=fleet_name)
+    for name in ("cam-ta", "cam-tb"):
+        deployment.pki.add_device(name, fleet=fleet_name, out=deployment.root / name)
+    deployment.broker.sync()
+    collector_mqtt = load_mqtt_file(deployment.pki.root / "collector" / "mqtt.toml")
+    store = SampleStore(tmp_path / "store")
+
+    def collector() -> Collector:
+        return Collector(
+            store=store, fleet=fleet_name, host=collector_mqtt.host, port=collector_mqtt.port,
+            security=MqttSecurity.from_config(collector_mqtt), share_group=deployment.pki.share_group,
+        )  # fmt: skip
+
+    first = collector()
+    first.start()  # its persistent session and subscription now exist on the broker...
+    first.stop()  # ...and it goes away
+    b = deployment.device("cam-tb")
+    a5_as_b = deployment.device("cam-ta", client_id="cam-tb")
+    a5_as_collector = deployment.device("cam-ta", client_id="edgeloop-collector")
+    from cloud_trainer.collect import default_client_id
+
+    # The collector's guessable default id, as the outside probe used it: 3.1.1, clean_session false.
+    a3 = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=default_client_id(),
+                     protocol=mqtt.MQTTv311, clean_session=False)  # fmt: skip
+    deployment.device_security("cam-ta").apply(a3)
+    connacks: list[str] = []
+    a3.on_connect = lambda _c, _u, _f, reason, _p: connacks.append(str(reason))
+    a3.connect(deployment.broker.host, deployment.broker.port)
+    a3.loop_start()
+    try:
+        _wait_for("the 3.1.1 connection", lambda: bool(connacks))
+        assert b.accepted and a5_as_b.accepted and a5_as_collector.accepted, "A is let in, as itself"
+        sent = []
+        for i in range(10):  # B publishes while A holds "its" client ids
+            batch = batch_of(records(1, fleet=fleet_name, device="cam-tb", start=i), fleet=fleet_name)
+            assert b.publish(fleet.device_samples("cam-tb"), batch.to_bytes()) == "Success"
+            sent.append(batch.records[0].id)
+        assert not b.dropped.is_set(), "B was knocked off"
+        assert a5_as_b.messages == [] and a5_as_collector.messages == []
+    finally:
+        a3.loop_stop()
+        a3.disconnect()
+        for client in (a5_as_b, a5_as_collector, b):
+            client.close()
+    back = collector()
+    back.start()
+    try:
+        _wait_for("the queued batches", lambda: back.stats.new_records >= 10)
+    finally:
+        back.stop(end_session=True)
+    assert back.stats.new_records == 10
+    assert set(sent) <= set(_stored_ids(store))
+
+
+def _stored_ids(store: SampleStore) -> list[str]:
+    return [row[0] for row in store._db.execute("SELECT id FROM received")]
