@@ -83,11 +83,11 @@ def write_agent_config(
         """))  # fmt: skip
 
 
-def start_agent(config: Path, *, log: Path | None = None) -> subprocess.Popen[bytes]:
-    """``edge-agent run`` as a child process (its log to ``log``, else discarded)."""
+def start_agent(config: Path, *, log: Path | None = None, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """``edge-agent run`` as a child process (its log to ``log``, else discarded; ``env`` added to ours)."""
     out = log.open("wb") if log is not None else subprocess.DEVNULL
     return subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
-                            stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+                            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})  # fmt: skip
 
 
 def stop_agent(agent: subprocess.Popen[bytes]) -> None:

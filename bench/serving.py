@@ -14,7 +14,7 @@ Prints p50/p99 latency, throughput, each p50's ratio to the floor and its differ
 HTTP p50, the agent's peak RSS, and PASS/FAIL for issue 12's targets.
 
     .venv/bin/python bench/serving.py [--requests 500] [--rounds 5] [--threads 1] [--workdir runs/bench-serving]
-    .venv/bin/python bench/serving.py --quick     # about a minute: fewer requests and epochs, 3 s of wrk
+    .venv/bin/python bench/serving.py --quick     # a minute or two: fewer requests and epochs, 3 s of wrk
 """
 
 from __future__ import annotations
@@ -204,6 +204,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="alternating slices for the floor and the agent")
     parser.add_argument("--wrk-seconds", type=int, default=5, help="per wrk row")
     parser.add_argument("--quick", action="store_true", help="200 requests, 4 rounds, 2 epochs, 3 s of wrk")
+    parser.add_argument("--agent-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="added to the agent's environment, e.g. MALLOC_MMAP_THRESHOLD_=65536")  # fmt: skip
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench-serving"))
     args = parser.parse_args()
     if args.quick:
@@ -235,7 +237,7 @@ def main() -> None:
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(bundle / "model.onnx"), options, providers=["CPUExecutionProvider"])
     tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
-    # as the agent does: no padding (tokenizer.json pads to the training length), the manifest's truncation
+    # as the agent does: no padding (tokenizer.json pads every text to 128 tokens), the manifest's truncation
     tokenizer.no_padding()
     max_length = json.loads((bundle / "manifest.json").read_text())["preprocessing"]["max_length"]
     tokenizer.enable_truncation(max_length=max_length)
@@ -261,7 +263,7 @@ def main() -> None:
     config = work / "agent.toml"
     write_agent_config(config, state=state, http_port=port, mqtt_port=broker.port if broker else free_port(),
                        public_key=public, threads=args.threads)  # fmt: skip
-    agent = start_agent(config, log=work / "agent.log")
+    agent = start_agent(config, log=work / "agent.log", env=dict(item.split("=", 1) for item in args.agent_env))
     requesters: dict[int, MqttRequester] = {}
     try:
         deadline = time.monotonic() + 60

@@ -14,13 +14,14 @@ pushes v1 (the agent fetches it over MQTT like a device), and then, until the ti
 - idle connections: one every ``--idle-every-s``, silent or stopped mid-request, each left open
   for ``--idle-hold-s`` and then closed by the client;
 - at ``--update-at`` of the run, a push of v2 (``cloud_trainer.publish.push_bundle``, a full
-  fine-tune with another seed: every chunk of the model changes).
+  fine-tune with another seed: every chunk of the model changes); with ``--updates N``, then v1,
+  v2, ... again, evenly over the rest of the run.
 
 Every ``--sample-s`` it records the agent's RSS, peak RSS, open fds and threads (``/proc/<pid>``),
 the idle connections held, and the requests by outcome. At the end it prints a table over time,
 the outcomes per kind of request, the RSS growth and the fd and thread range after warm-up (the
-first 20 % of the run), and PASS/FAIL lines; the samples go to ``<workdir>/soak-samples.csv`` and
-everything to ``<workdir>/soak.json``.
+first 20 % of the run), the RSS between updates and its step across each, and PASS/FAIL lines; the
+samples go to ``<workdir>/soak-samples.csv`` and everything to ``<workdir>/soak.json``.
 
     .venv/bin/python bench/soak.py [--minutes 30] [--sample-s 10] [--epochs 8] [--workdir runs/bench-soak]
     .venv/bin/python bench/soak.py --minutes 2 --epochs 2     # a check that it works
@@ -190,9 +191,10 @@ class Soak:
         self.outcomes = Outcomes()
         self.stop = threading.Event()
         self.version = 0
-        self.first_seen: dict[int, float] = {}
+        self.version_changes: list[tuple[float, int]] = []  # (t s, version) whenever the served version changes
         self.idle_held = 0
         self.idle_closed_by_agent = 0
+        self.updates: list[dict[str, float]] = []
         self.start = time.monotonic()
         self._threads: list[threading.Thread] = []
 
@@ -238,9 +240,23 @@ class Soak:
         conn.close()
 
     def _saw_version(self, version: int) -> None:
-        if version not in self.first_seen:
-            self.first_seen[version] = time.monotonic() - self.start
+        if version != self.version:
+            self.version_changes.append((time.monotonic() - self.start, version))
         self.version = version
+
+    def push_updates(self, push: Callable[[Path], None], bundles: list[tuple[int, Path]], at: list[float]) -> None:
+        """Push ``bundles[k]`` at ``at[k]`` seconds into the run; record each push in :attr:`updates`."""
+        for (version, bundle), when in zip(bundles, at, strict=True):
+            if self.stop.wait(max(0.0, self.start + when - time.monotonic())):
+                return
+            record = {"version": version, "push_started_s": time.monotonic() - self.start}
+            self.updates.append(record)
+            push(bundle)
+            record["push_done_s"] = time.monotonic() - self.start
+            while not self.stop.is_set() and self.version != version:
+                time.sleep(0.05)
+            if self.version == version:
+                record["served_s"] = next(t for t, v in reversed(self.version_changes) if v == version)
 
     def bad_http(self) -> None:
         tick = self._paced(self.args.bad_http_per_s)
@@ -304,11 +320,16 @@ class Soak:
         self.idle_held = 0
 
     def _close_idle(self, sock: socket.socket) -> None:
-        """Close a held connection, noting whether the agent had already closed it."""
+        """Close a held connection, noting whether the agent had already ended it (closed, reset or
+        answered, as with a 408: a server answers a timed-out request and closes)."""
         sock.setblocking(False)
-        with contextlib.suppress(BlockingIOError, OSError):
-            if sock.recv(1) == b"":
-                self.idle_closed_by_agent += 1
+        try:
+            sock.recv(4096)  # b"" (closed) or an answer
+            self.idle_closed_by_agent += 1
+        except BlockingIOError:  # still open, silent
+            pass
+        except OSError:  # reset
+            self.idle_closed_by_agent += 1
         sock.close()
 
 
@@ -351,11 +372,11 @@ def soak_main(args: argparse.Namespace) -> None:
     config = work / "agent.toml"
     write_agent_config(config, state=work / "agent-state", http_port=port, mqtt_port=broker.port, public_key=public,
                        device=device, fleet=fleet, telemetry_s=30)  # fmt: skip
-    agent = start_agent(config, log=work / "agent.log")
+    agent = start_agent(config, log=work / "agent.log", env=dict(item.split("=", 1) for item in args.agent_env))
     requesters: dict[int, MqttRequester] = {}
     samples: list[Sample] = []
-    update: dict[str, float] = {}
     duration = args.minutes * 60
+    soak: Soak | None = None
     try:
         wait_serving(port, texts[0], version=1)
         topics = Topics(fleet=fleet)
@@ -372,20 +393,22 @@ def soak_main(args: argparse.Namespace) -> None:
         soak.run_in_thread(soak.mqtt)
         soak.run_in_thread(soak.idle)
 
-        def push_v2() -> None:
-            update["push_started_s"] = time.monotonic() - soak.start
-            push_bundle(v2, host=broker.host, port=broker.port, fleet=fleet, key_path=private)
-            update["push_done_s"] = time.monotonic() - soak.start
-
-        pusher = threading.Timer(duration * args.update_at, push_v2)
-        pusher.start()
+        # v2 at --update-at of the run; with --updates N, then v1, v2, ... evenly over the rest
+        spacing = (1 - args.update_at) * duration / args.updates
+        at = [duration * args.update_at + k * spacing for k in range(args.updates)]
+        order = [(2, v2) if k % 2 == 0 else (1, v1) for k in range(args.updates)]
+        push = lambda bundle: push_bundle(bundle, host=broker.host, port=broker.port, fleet=fleet, key_path=private)  # noqa: E731
+        soak.run_in_thread(soak.push_updates, push, order, at)
         print(f"soaking for {args.minutes:g} min (agent pid {agent.pid}, log {work / 'agent.log'})")
         next_sample = soak.start
         while True:
-            if agent.poll() is not None:
-                print(f"the agent exited with code {agent.returncode}")
+            try:
+                stats = process_stats(agent.pid)
+            except FileNotFoundError:  # gone between two samples
+                stats = None
+            if stats is None or agent.poll() is not None:
+                print(f"the agent exited with code {agent.wait()}")
                 break
-            stats = process_stats(agent.pid)
             totals = soak.outcomes.totals()
             samples.append(Sample(
                 t_s=round(time.monotonic() - soak.start, 1), rss_mb=round(stats.rss_mb, 1),
@@ -397,25 +420,80 @@ def soak_main(args: argparse.Namespace) -> None:
                 break
             next_sample += args.sample_s
             time.sleep(max(0.0, min(next_sample, soak.start + duration) - time.monotonic()))
-        pusher.cancel()
-        soak.join()
-        if 2 in soak.first_seen:
-            update["v2_served_s"] = soak.first_seen[2]
     finally:
+        if soak is not None:
+            soak.join()
+        exit_code = agent.poll()  # None: it ran to the end
         for requester in requesters.values():
             requester.close()
         stop_agent(agent)
         broker.stop()
-    report(work, args, samples, soak, update=update, duration=duration)
+    if not samples:
+        raise SystemExit("no samples: the agent exited at once (see its log)")
+    report(work, args, samples, soak, duration=duration, exit_code=exit_code)
 
 
-def report(
-    work: Path, args: Any, samples: list[Sample], soak: Soak, *, update: dict[str, float], duration: float
-) -> None:
+def report(work: Path, args: Any, samples: list[Sample], soak: Soak, *, duration: float, exit_code: int | None) -> None:
     with (work / "soak-samples.csv").open("w", newline="") as out:
         writer = csv.DictWriter(out, fieldnames=list(asdict(samples[0])))
         writer.writeheader()
         writer.writerows(asdict(s) for s in samples)
+    print_table(samples)
+    print(f"\n{'channel':<10} {'request':<34} outcomes")
+    by_kind: dict[tuple[str, str], list[str]] = {}
+    for (channel, kind, outcome), n in sorted(soak.outcomes.counts.items()):
+        by_kind.setdefault((channel, kind), []).append(f"{outcome}: {n}")
+    for (channel, kind), outcomes in by_kind.items():
+        print(f"{channel:<10} {kind:<34} {', '.join(outcomes)}")
+    closed = soak.idle_closed_by_agent
+    print(f"idle connections the agent had ended (closed or answered) before the client closed them: {closed}")
+    for u in soak.updates:
+        when = f"served from {u['served_s']:.1f} s" if "served_s" in u else "never served"
+        print(f"push of v{u['version']:.0f}: started at {u['push_started_s']:.1f} s, done at "
+              f"{u.get('push_done_s', 0):.1f} s, {when}")  # fmt: skip
+
+    after = [s for s in samples if s.t_s >= WARM_UP * duration]
+    checks = []
+    if len(after) < 2:
+        print("too few samples after warm-up for the checks: run longer or sample more often")
+    else:
+        first, last = after[0], after[-1]
+        growth = (last.rss_mb - first.rss_mb) / first.rss_mb * 100
+        fds = [s.fds for s in after]
+        threads = [s.threads for s in after]
+        print(f"\nafter warm-up ({first.t_s:.0f}-{last.t_s:.0f} s, {len(after)} samples): RSS {first.rss_mb:.1f} -> "
+              f"{last.rss_mb:.1f} MB ({growth:+.1f} %), max {max(s.rss_mb for s in after):.1f} MB; "
+              f"fds {min(fds)}-{max(fds)}; threads {min(threads)}-{max(threads)}")  # fmt: skip
+        rss_between_updates(after, soak.updates, settle_s=2 * args.sample_s)
+        checks.append(check(growth < RSS_GROWTH_PCT, f"RSS growth after warm-up under {RSS_GROWTH_PCT:g} %: "
+                            f"{growth:+.1f} % ({first.rss_mb:.1f} -> {last.rss_mb:.1f} MB)"))  # fmt: skip
+        checks.append(check(max(fds) - min(fds) <= args.fd_tolerance, f"fds flat after warm-up (max - min <= "
+                            f"{args.fd_tolerance}): {min(fds)}-{max(fds)}"))  # fmt: skip
+    ended = "" if exit_code is None else f": it exited with {exit_code}"
+    checks.append(check(exit_code is None, f"the agent ran to the end{ended}"))
+    unexpected = sum(soak.outcomes.unexpected.values())
+    detail = ", ".join(f"{c} {k} -> {o}: {n}" for (c, k, o), n in soak.outcomes.unexpected.most_common(5))
+    checks.append(check(unexpected == 0, f"every request answered as expected: {unexpected} not"
+                        + (f" ({detail})" if detail else "")))  # fmt: skip
+    pushed = [u for u in soak.updates if "served_s" in u]
+    delays = ", ".join(f"v{u['version']:.0f} {u['served_s'] - u['push_started_s']:.1f} s" for u in pushed)
+    checks.append(check(len(pushed) == args.updates, f"the agent served every pushed version: {len(pushed)} of "
+                        f"{args.updates}" + (f" (from the push's start: {delays})" if delays else "")))  # fmt: skip
+    log = (work / "agent.log").read_text(errors="replace").splitlines()
+    levels = Counter(word for line in log for word in line.split()[2:3] if word in ("WARNING", "ERROR", "CRITICAL"))
+    print(f"agent log: {len(log)} lines, " + (", ".join(f"{n} {k}" for k, n in levels.items()) or "no warnings"))
+    (work / "soak.json").write_text(json.dumps({
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "samples": [asdict(s) for s in samples], "updates": soak.updates, "checks": checks,
+        "outcomes": [{"channel": c, "request": k, "outcome": o, "count": n}
+                     for (c, k, o), n in sorted(soak.outcomes.counts.items())],
+        "idle_closed_by_agent": closed,
+    }, indent=2))  # fmt: skip
+    print(f"samples: {work / 'soak-samples.csv'}; everything: {work / 'soak.json'}")
+
+
+def print_table(samples: list[Sample]) -> None:
+    """At most about 30 rows (every n-th sample, and the last); ok/s over the time since the row before."""
     step = max(1, len(samples) // 30)
     shown = samples[::step] if samples[-1] in samples[::step] else [*samples[::step], samples[-1]]
     print(f"\n{'t s':>7} {'RSS MB':>7} {'peak MB':>8} {'fds':>5} {'thr':>4} {'idle':>5} {'ver':>4} "
@@ -427,62 +505,22 @@ def report(
               f"{s.version:>4} {rate:>6.0f} {s.err_4xx:>6} {s.err_5xx:>5} {s.no_answer:>9}")  # fmt: skip
         previous = s
 
-    print(f"\n{'channel':<10} {'request':<34} outcomes")
-    by_kind: dict[tuple[str, str], list[str]] = {}
-    for (channel, kind, outcome), n in sorted(soak.outcomes.counts.items()):
-        by_kind.setdefault((channel, kind), []).append(f"{outcome}: {n}")
-    for (channel, kind), outcomes in by_kind.items():
-        print(f"{channel:<10} {kind:<34} {', '.join(outcomes)}")
-    closed = soak.idle_closed_by_agent
-    print(f"idle connections closed by the agent before the client closed them: {closed}")
-    if update:
-        print("update to v2: " + ", ".join(f"{k} {v:.1f}" for k, v in update.items()))
 
-    after = [s for s in samples if s.t_s >= WARM_UP * duration]
-    checks = []
-    if len(after) < 2:
-        print("too few samples after warm-up for the checks: run longer or sample more often")
-    else:
-        first, last = after[0], after[-1]
-        growth = (last.rss_mb - first.rss_mb) / first.rss_mb * 100
-        top = max(s.rss_mb for s in after)
-        fds = [s.fds for s in after]
-        threads = [s.threads for s in after]
-        print(f"\nafter warm-up ({first.t_s:.0f}-{last.t_s:.0f} s, {len(after)} samples): RSS {first.rss_mb:.1f} -> "
-              f"{last.rss_mb:.1f} MB ({growth:+.1f} %), max {top:.1f} MB; fds {min(fds)}-{max(fds)}; "
-              f"threads {min(threads)}-{max(threads)}")  # fmt: skip
-        if "v2_served_s" in update:  # a step at the update, or a slope? (info; the check is the whole window)
-            before = [s for s in after if s.t_s < update["push_started_s"]]
-            settled = [s for s in after if s.t_s >= update["v2_served_s"] + 2 * args.sample_s]
-            for name, part in (("before the push", before), ("after v2 serves (+2 samples)", settled)):
-                if len(part) >= 2:
-                    change = (part[-1].rss_mb - part[0].rss_mb) / part[0].rss_mb * 100
-                    print(f"  RSS {name}, {part[0].t_s:.0f}-{part[-1].t_s:.0f} s: {part[0].rss_mb:.1f} -> "
-                          f"{part[-1].rss_mb:.1f} MB ({change:+.1f} %)")  # fmt: skip
-            if before and settled:
-                print(f"  RSS step across the update: {settled[0].rss_mb - before[-1].rss_mb:+.1f} MB")
-        checks.append(check(growth < RSS_GROWTH_PCT, f"RSS growth after warm-up under {RSS_GROWTH_PCT:g} %: "
-                            f"{growth:+.1f} % ({first.rss_mb:.1f} -> {last.rss_mb:.1f} MB)"))  # fmt: skip
-        checks.append(check(max(fds) - min(fds) <= args.fd_tolerance, f"fds flat after warm-up (max - min <= "
-                            f"{args.fd_tolerance}): {min(fds)}-{max(fds)}"))  # fmt: skip
-    unexpected = sum(soak.outcomes.unexpected.values())
-    detail = ", ".join(f"{c} {k} -> {o}: {n}" for (c, k, o), n in soak.outcomes.unexpected.most_common(5))
-    checks.append(check(unexpected == 0, f"every request answered as expected: {unexpected} not"
-                        + (f" ({detail})" if detail else "")))  # fmt: skip
-    checks.append(check("v2_served_s" in update, "the agent served v2 after the push"
-                        + (f": {update['v2_served_s'] - update['push_started_s']:.1f} s after it started"
-                           if "v2_served_s" in update else "")))  # fmt: skip
-    log = (work / "agent.log").read_text(errors="replace").splitlines()
-    levels = Counter(word for line in log for word in line.split()[2:3] if word in ("WARNING", "ERROR", "CRITICAL"))
-    print(f"agent log: {len(log)} lines, " + (", ".join(f"{n} {k}" for k, n in levels.items()) or "no warnings"))
-    (work / "soak.json").write_text(json.dumps({
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "samples": [asdict(s) for s in samples], "update": update, "checks": checks,
-        "outcomes": [{"channel": c, "request": k, "outcome": o, "count": n}
-                     for (c, k, o), n in sorted(soak.outcomes.counts.items())],
-        "idle_closed_by_agent": closed,
-    }, indent=2))  # fmt: skip
-    print(f"samples: {work / 'soak-samples.csv'}; everything: {work / 'soak.json'}")
+def rss_between_updates(after: list[Sample], updates: list[dict[str, float]], *, settle_s: float) -> None:
+    """RSS in each stretch between pushes (from ``settle_s`` after the last version began serving), and its
+    step across each update: a step per update and a slope within stretches are different findings."""
+    bounds = [(float("-inf"), float("-inf"))]
+    bounds += [(u["push_started_s"], u.get("served_s", u["push_started_s"]) + settle_s) for u in updates]
+    bounds.append((float("inf"), float("inf")))
+    stretches = [[s for s in after if bounds[k][1] <= s.t_s < bounds[k + 1][0]] for k in range(len(bounds) - 1)]
+    for k, part in enumerate(stretches):
+        if len(part) >= 2:
+            change = (part[-1].rss_mb - part[0].rss_mb) / part[0].rss_mb * 100
+            label = "before the first push" if k == 0 else f"after push {k} (v{updates[k - 1]['version']:.0f})"
+            print(f"  RSS {label}, {part[0].t_s:.0f}-{part[-1].t_s:.0f} s: {part[0].rss_mb:.1f} -> "
+                  f"{part[-1].rss_mb:.1f} MB ({change:+.1f} %)")  # fmt: skip
+        if k and part and stretches[k - 1]:
+            print(f"  RSS step across push {k}: {part[0].rss_mb - stretches[k - 1][-1].rss_mb:+.1f} MB")
 
 
 def check(passed: bool, text: str) -> dict[str, Any]:
@@ -503,6 +541,9 @@ def main() -> None:
     parser.add_argument("--idle-every-s", type=float, default=5.0, help="a new idle connection this often")
     parser.add_argument("--idle-hold-s", type=float, default=60.0, help="how long the client keeps each open")
     parser.add_argument("--update-at", type=float, default=0.5, help="share of the run at which v2 is pushed")
+    parser.add_argument("--updates", type=int, default=1, help="pushes: v2, then v1, v2, ... spread over the rest")
+    parser.add_argument("--agent-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="added to the agent's environment, e.g. MALLOC_MMAP_THRESHOLD_=65536")  # fmt: skip
     parser.add_argument("--fd-tolerance", type=int, default=5, help="fds max - min after warm-up that is flat")
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench-soak"))
     args = parser.parse_args()

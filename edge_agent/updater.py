@@ -50,6 +50,7 @@ from edge_agent.protocol.release import Release, in_canary, open_release
 from edge_agent.protocol.state import UpdateState
 from edge_agent.protocol.topics import Topics
 from edge_agent.runtime import Classifier, HealthCheckError, ModelHolder, ModelLoadError, load_classifier
+from edge_agent.runtime.memory import release_freed_memory
 from edge_agent.store import ModelStore
 from edge_agent.trust import TopicRecord, TrustStore, UpdateRecord
 
@@ -593,6 +594,8 @@ class Updater:
         self._crash_if("switch")
         self._on_activated(version)  # before the swap: every request the new version serves is watched
         self._holder.swap(model)
+        del model
+        release_freed_memory()  # the old session, once its last request is done
         self.trust.state.previous_version = previous
         self._store.prune(self._config.update.keep_versions, protect={v for v in (version, previous) if v})
         self._store.drop_chunks(self._chunks_of_installed())
@@ -619,6 +622,8 @@ class Updater:
         self.trust.save()
         self._store.activate(previous)
         self._holder.swap(model)
+        del model
+        release_freed_memory()
         state.previous_version = item.version
         self._set_update(
             StateChange(
