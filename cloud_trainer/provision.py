@@ -176,8 +176,8 @@ class Pki:
         pki.write_broker_files()
         return pki
 
-    def _write_service_identity(self, identity: str, out: Path | None = None) -> None:
-        out = out or self.root / ("cloud" if identity == CLOUD_IDENTITY else "collector")
+    def _write_service_identity(self, identity: str) -> None:
+        out = self.root / ("cloud" if identity == CLOUD_IDENTITY else "collector")
         out.mkdir(exist_ok=True)
         issued = self.ca.issue(identity)
         write_public(out / "ca.crt", self.ca.cert_pem)
@@ -192,7 +192,7 @@ class Pki:
                 '[mqtt.tls]\nca_file = "ca.crt"\ncert_file = "client.crt"\nkey_file = "client.key"\n'
             ).encode(),
         )
-        if identity.startswith(COLLECTOR_IDENTITY):  # read by the collector's unit (EnvironmentFile=) and `collect`
+        if identity == COLLECTOR_IDENTITY:  # read by the collector's unit (EnvironmentFile=) and `collect`
             write_private(out / "share.env", f"EDGELOOP_SHARE_GROUP={self.share_group}\n".encode())
 
     @property
@@ -201,31 +201,6 @@ class Pki:
         return str(self.settings.get("share_group") or "collectors")
 
     # -- identities -------------------------------------------------------------------------------
-    def add_collector(self, name: str) -> str:
-        """Another collector identity, ``edgeloop-collector-<name>``, in ``<pki>/collector-<name>/``.
-
-        The broker binds each connection's client id to its identity (``use_username_as_clientid``),
-        so one identity holds one connection: a second collector needs an identity of its own. It
-        gets the collector's ACL and the same secret share group; the broker splits the batches."""
-        try:
-            check_segment("collector name", name)
-        except ValueError as exc:
-            raise PkiError(str(exc)) from None
-        identity = f"{COLLECTOR_IDENTITY}-{name}"
-        data = self._identities()
-        collectors = data.setdefault("collectors", [])
-        if name in collectors or name in data["devices"] or identity in data["devices"]:
-            raise PkiError(f"an identity named {name!r} exists already")
-        self._write_service_identity(identity, self.root / f"collector-{name}")
-        collectors.append(name)
-        self._save_identities(data)
-        self.write_broker_files()
-        return identity
-
-    def collectors(self) -> list[str]:
-        """Every collector identity: the one of ``init`` and those of :meth:`add_collector`."""
-        return [COLLECTOR_IDENTITY, *(f"{COLLECTOR_IDENTITY}-{n}" for n in self._identities().get("collectors", []))]
-
     def _identities(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads((self.root / "identities.json").read_text())
         return data
@@ -257,7 +232,7 @@ class Pki:
                 check_segment("group", group)
         except ValueError as exc:
             raise ProvisionError(str(exc)) from None
-        if name in RESERVED or name.startswith(f"{COLLECTOR_IDENTITY}-"):
+        if name in RESERVED:
             raise ProvisionError(f"device name {name!r} is reserved for the cloud's own identities")
         data = self._identities()
         if name in data["devices"]:
@@ -343,7 +318,7 @@ class Pki:
             "# After a change: copy to the broker, then `systemctl reload mosquitto`.",
             "# No topic is open to all: every identity gets exactly its own lines below.",
         ]
-        for identity in (CLOUD_IDENTITY, *self.collectors()):
+        for identity in RESERVED:
             lines += ["", f"user {identity}", *service_acl_entries(identity, root=root)]
         for name, device in sorted(data["devices"].items()):
             lines += ["", f"# device {name}: fleet {device['fleet']}, group {device['group'] or '-'}, {device['auth']}"]

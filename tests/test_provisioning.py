@@ -123,24 +123,3 @@ def test_revoke_unknown_device_names_the_known_ones(tmp_path: Path, keys: Keys) 
     pki.add_device("cam-1", fleet="f", out=tmp_path / "cam-1")
     with pytest.raises(ProvisionError, match=r"no device 'cam-9' .*\(devices: cam-1\)"):
         pki.revoke_device("cam-9")
-
-
-def test_a_second_collector_gets_an_identity_of_its_own(tmp_path: Path, keys: Keys) -> None:
-    """The broker binds client ids to identities, so one identity holds one connection: each
-    collector host gets `edgeloop-collector-<name>`, with the collector's ACL and the secret group."""
-    from cloud_trainer.cli import main
-
-    pki = Pki.init(tmp_path / "pki", broker_host="b", release_key=keys.public)
-    assert main(["pki", "collector-add", "eu-2", "--pki", str(pki.root)]) == 0
-    out = pki.root / "collector-eu-2"
-    assert (out / "share.env").read_text() == f"EDGELOOP_SHARE_GROUP={pki.share_group}\n"
-    assert "client.crt" in {p.name for p in out.iterdir()}
-    acl = (pki.root / "broker" / "acl").read_text()
-    assert "user edgeloop-collector-eu-2\ntopic read edgeloop/v1/+/devices/+/samples\n" in acl
-    assert pki.collectors() == ["edgeloop-collector", "edgeloop-collector-eu-2"]
-    with pytest.raises(Exception, match="reserved"):
-        pki.add_device("edgeloop-collector-x", fleet="f", out=tmp_path / "dev")
-    with pytest.raises(Exception, match="exists already"):
-        pki.add_collector("eu-2")
-    conf = (Path(__file__).parents[1] / "deploy" / "mosquitto" / "edgeloop.conf").read_text()
-    assert conf.count("use_username_as_clientid true") == 2  # both listeners
