@@ -83,11 +83,17 @@ def write_agent_config(
         """))  # fmt: skip
 
 
+UNIT_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+"""What systemd/edge-agent.service sets for the agent's memory: the benchmarks run it the same way."""
+
+
 def start_agent(config: Path, *, log: Path | None = None, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """``edge-agent run`` as a child process (its log to ``log``, else discarded; ``env`` added to ours)."""
+    """``edge-agent run`` as a child process, with the unit's environment (its log to ``log``, else
+    discarded; ``env`` added to ours and overriding the unit's)."""
     out = log.open("wb") if log is not None else subprocess.DEVNULL
     return subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
-                            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})  # fmt: skip
+                            stdout=out, stderr=subprocess.STDOUT,
+                            env={**os.environ, **UNIT_ENV, **(env or {})})  # fmt: skip
 
 
 def stop_agent(agent: subprocess.Popen[bytes]) -> None:
