@@ -85,8 +85,7 @@ class MqttInference:
             try:
                 version, predictions = result.result()
             except Exception as exc:  # noqa: BLE001 - classified: only the model's own failure counts
-                error = service.failure(exc)
-                service.stats.record(ok=False, seconds=time.perf_counter() - start, inputs=len(inputs))
+                error = service.failed(exc, inputs=len(inputs), seconds=time.perf_counter() - start)
                 reply(error.status, error=str(error))
                 return
             service.succeeded(version, len(inputs), time.perf_counter() - start)

@@ -211,8 +211,7 @@ class InferenceService:
         except RequestError:
             raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status; the server goes on
-            self.stats.record(ok=False, seconds=time.perf_counter() - start, inputs=len(inputs))
-            raise self.failure(exc) from None
+            raise self.failed(exc, inputs=len(inputs), seconds=time.perf_counter() - start) from None
         finally:
             self._in_flight -= 1
         self.succeeded(version, len(inputs), time.perf_counter() - start)
@@ -222,6 +221,11 @@ class InferenceService:
         """Count a successful inference (any front end)."""
         self.stats.record(ok=True, seconds=seconds, inputs=inputs)
         self.on_result(version, True)
+
+    def failed(self, exc: BaseException, *, inputs: int, seconds: float) -> RequestError:
+        """Count a failed inference (any front end) and classify it (see :meth:`failure`)."""
+        self.stats.record(ok=False, seconds=seconds, inputs=inputs)
+        return self.failure(exc)
 
     def failure(self, exc: BaseException) -> RequestError:
         """Classify a failed inference; only the model's own failures count against its version."""
