@@ -88,6 +88,14 @@ def _cmd_pki_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pki_collector_add(args: argparse.Namespace) -> int:
+    pki = _pki(args)
+    identity = pki.add_collector(args.name)
+    print(f"collector identity {identity}: --mqtt-config {pki.root / f'collector-{args.name}' / 'mqtt.toml'}")
+    print(f"broker files changed: copy {pki.root / 'broker'}/{{acl,passwd,crl.pem}} and reload mosquitto")
+    return 0
+
+
 def _cmd_device(args: argparse.Namespace) -> int:
     pki = _pki(args)
     if args.device_command == "add":
@@ -132,6 +140,12 @@ def add_deploy_commands(sub: Any) -> None:
     init.add_argument("--topic-root", default="edgeloop/v1", help="MQTT topic prefix the ACLs allow")
     init.add_argument("--release-key", type=Path, help="release.pub that devices will trust (default for device add)")
     init.set_defaults(func=_cmd_pki_init)
+    coll = pki_sub.add_parser(
+        "collector-add", help="another collector identity (one connection per identity: one per collector host)"
+    )
+    coll.add_argument("name", help="a suffix: the identity is edgeloop-collector-NAME")
+    coll.add_argument("--pki", type=Path, help=pki_help)
+    coll.set_defaults(func=_cmd_pki_collector_add)
 
     d = sub.add_parser("device", help="provision devices: add (identity + config directory), revoke, list")
     d.add_argument("--pki", type=Path, help=pki_help)

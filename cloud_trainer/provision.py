@@ -8,7 +8,8 @@ cloud keeps about who may talk to the broker::
     ca/                 ca.crt, ca.key (0600): the CA that signs the broker's and every client's certificate
     broker/             ca.crt, broker.crt, broker.key, crl.pem, acl, passwd: copy to /etc/mosquitto/edgeloop/
     cloud/              the cloud's identity (``edgeloop-cloud``): mqtt.toml, ca.crt, client.crt, client.key
-    collector/          the sample collector's identity (``edgeloop-collector``), the same files
+    collector/          the sample collector's identity (``edgeloop-collector``): mqtt.toml, ca.crt,
+                        mqtt.password (password listener: see ``_write_service_identity``), share.env
 
 Identities are MQTT user names: a certificate's CN (Mosquitto's ``use_identity_as_username``) or
 a password entry. A device's user name is its device id, so device ids are unique across a PKI
@@ -176,24 +177,45 @@ class Pki:
         pki.write_broker_files()
         return pki
 
-    def _write_service_identity(self, identity: str) -> None:
-        out = self.root / ("cloud" if identity == CLOUD_IDENTITY else "collector")
+    def _write_service_identity(self, identity: str, out: Path | None = None) -> None:
+        """Write ``identity``'s credentials and ``mqtt.toml`` (for ``--mqtt-config``) to ``out``.
+
+        The cloud identity holds a client certificate. A collector logs in with a user name and a
+        password on the password listener instead: it is the one client that keeps a broker
+        session while it is away (its queued batches), and Mosquitto 2.0 mishandles an offline
+        session of a certificate client when it reloads (every ``device add``): it disconnects the
+        already-disconnected session again, which leaves a dangling entry in its session-expiry
+        list and crashed the broker when the collector came back. A password client's offline
+        session is re-checked against its stored password and kept as it is."""
+        out = out or self.root / ("cloud" if identity == CLOUD_IDENTITY else "collector")
         out.mkdir(exist_ok=True)
-        issued = self.ca.issue(identity)
         write_public(out / "ca.crt", self.ca.cert_pem)
-        write_public(out / "client.crt", issued.cert_pem)
-        write_private(out / "client.key", issued.key_pem)
-        write_public(
-            out / "mqtt.toml",
-            (
-                f"# The {identity} identity: pass to cloud-train with --mqtt-config {out / 'mqtt.toml'}\n"
-                f"[mqtt]\nhost = {json.dumps(self.settings['broker_host'])}\nport = {self.settings['cert_port']}\n"
-                f"topic_root = {json.dumps(self.settings['topic_root'])}\n\n"
-                '[mqtt.tls]\nca_file = "ca.crt"\ncert_file = "client.crt"\nkey_file = "client.key"\n'
-            ).encode(),
+        header = (
+            f"# The {identity} identity: pass to cloud-train with --mqtt-config {out / 'mqtt.toml'}\n"
+            f"[mqtt]\nhost = {json.dumps(self.settings['broker_host'])}\n"
         )
-        if identity == COLLECTOR_IDENTITY:  # read by the collector's unit (EnvironmentFile=) and `collect`
+        topic_root = f"topic_root = {json.dumps(self.settings['topic_root'])}\n"
+        if identity == CLOUD_IDENTITY:
+            issued = self.ca.issue(identity)
+            write_public(out / "client.crt", issued.cert_pem)
+            write_private(out / "client.key", issued.key_pem)
+            body = (
+                f"port = {self.settings['cert_port']}\n{topic_root}\n"
+                '[mqtt.tls]\nca_file = "ca.crt"\ncert_file = "client.crt"\nkey_file = "client.key"\n'
+            )
+        else:
+            password = secrets.token_urlsafe(24)
+            write_private(out / "mqtt.password", password.encode() + b"\n")
+            data = self._identities()
+            data.setdefault("passwords", {})[identity] = mosquitto_password_hash(password)
+            self._save_identities(data)
+            body = (
+                f"port = {self.settings['password_port']}\n{topic_root}"
+                f'username = "{identity}"\npassword_file = "mqtt.password"\n\n[mqtt.tls]\nca_file = "ca.crt"\n'
+            )
+            # read by the collector's unit (EnvironmentFile=) and by `collect`
             write_private(out / "share.env", f"EDGELOOP_SHARE_GROUP={self.share_group}\n".encode())
+        write_public(out / "mqtt.toml", (header + body).encode())
 
     @property
     def share_group(self) -> str:
@@ -201,6 +223,32 @@ class Pki:
         return str(self.settings.get("share_group") or "collectors")
 
     # -- identities -------------------------------------------------------------------------------
+    def add_collector(self, name: str) -> str:
+        """Another collector identity, ``edgeloop-collector-<name>``, in ``<pki>/collector-<name>/``.
+
+        The broker binds each connection's client id to its identity (``use_username_as_clientid``),
+        so one identity holds one connection: a second collector needs an identity of its own. It
+        gets the collector's ACL, a password of its own and the same secret share group; the
+        broker splits the batches between the collectors."""
+        try:
+            check_segment("collector name", name)
+        except ValueError as exc:
+            raise PkiError(str(exc)) from None
+        identity = f"{COLLECTOR_IDENTITY}-{name}"
+        data = self._identities()
+        if name in data.get("collectors", []) or name in data["devices"] or identity in data["devices"]:
+            raise PkiError(f"an identity named {name!r} exists already")
+        self._write_service_identity(identity, self.root / f"collector-{name}")  # saves its password entry
+        data = self._identities()
+        data.setdefault("collectors", []).append(name)
+        self._save_identities(data)
+        self.write_broker_files()
+        return identity
+
+    def collectors(self) -> list[str]:
+        """Every collector identity: the one of ``init`` and those of :meth:`add_collector`."""
+        return [COLLECTOR_IDENTITY, *(f"{COLLECTOR_IDENTITY}-{n}" for n in self._identities().get("collectors", []))]
+
     def _identities(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads((self.root / "identities.json").read_text())
         return data
@@ -232,7 +280,7 @@ class Pki:
                 check_segment("group", group)
         except ValueError as exc:
             raise ProvisionError(str(exc)) from None
-        if name in RESERVED:
+        if name in RESERVED or name.startswith(f"{COLLECTOR_IDENTITY}-"):
             raise ProvisionError(f"device name {name!r} is reserved for the cloud's own identities")
         data = self._identities()
         if name in data["devices"]:
@@ -318,7 +366,7 @@ class Pki:
             "# After a change: copy to the broker, then `systemctl reload mosquitto`.",
             "# No topic is open to all: every identity gets exactly its own lines below.",
         ]
-        for identity in RESERVED:
+        for identity in (CLOUD_IDENTITY, *self.collectors()):
             lines += ["", f"user {identity}", *service_acl_entries(identity, root=root)]
         for name, device in sorted(data["devices"].items()):
             lines += ["", f"# device {name}: fleet {device['fleet']}, group {device['group'] or '-'}, {device['auth']}"]

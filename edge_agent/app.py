@@ -68,7 +68,7 @@ class Agent:
         self.transport = MqttTransport(
             host=config.mqtt.host,
             port=config.mqtt.port,
-            client_id=config.mqtt.client_id or f"edge-agent-{config.device_id}",
+            client_id=config.mqtt.client_id or config.device_id,  # its identity, as the secure broker binds it
             keepalive_s=config.mqtt.keepalive_s,
             protocol=config.mqtt.protocol,
             will=(self._availability_topic, self._offline_will),

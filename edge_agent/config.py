@@ -91,7 +91,9 @@ class MqttConfig(_Section):
     protocol: Literal["5", "3.1.1"] = Field(default="5", description="MQTT protocol version")
     keepalive_s: int = Field(default=30, ge=5, le=3600, description="MQTT keepalive; the last will fires after 1.5x")
     topic_root: str = Field(default=DEFAULT_ROOT, description="prefix of every topic")
-    client_id: str | None = Field(default=None, description="defaults to edge-agent-<device_id>")
+    client_id: str | None = Field(
+        default=None, description="defaults to device_id (the identity; a secure broker makes it so anyway)"
+    )
     tls: MqttTlsConfig | None = Field(default=None, description="connect with TLS (see [mqtt.tls])")
     username: str | None = Field(default=None, description="MQTT user name for password authentication")
     password_file: ExistingFile | None = Field(default=None, description="file holding the MQTT password")

@@ -50,6 +50,13 @@ class Deployment:
         port = self.broker.password_port if password_port else self.broker.port
         return TestClient(host="127.0.0.1", port=port, security=security, client_id=client_id)
 
+    def service(self, role: str, *, client_id: str) -> TestClient:
+        """Connect as the cloud or collector identity, on the listener its mqtt.toml names."""
+        config = load_mqtt_file(self.pki.root / role / "mqtt.toml")
+        return self.connect(
+            self.service_security(role), client_id=client_id, password_port=config.port == self.broker.password_port
+        )
+
     def device(self, name: str, *, client_id: str | None = None) -> TestClient:
         password = (self.root / name / "mqtt.password").exists()  # device add --auth password wrote it
         return self.connect(self.device_security(name), client_id=client_id or name, password_port=password)
@@ -75,8 +82,8 @@ def test_devices_and_services_connect_with_their_credentials(deployment: Deploym
     clients = [
         deployment.device("cam-1"),
         deployment.device("pw-1"),
-        deployment.connect(deployment.service_security("cloud"), client_id="cloud-1"),
-        deployment.connect(deployment.service_security("collector"), client_id="collector-1"),
+        deployment.service("cloud", client_id="cloud-1"),
+        deployment.service("collector", client_id="collector-1"),
     ]
     try:
         assert [c.refusal for c in clients] == ["", "", "", ""]
@@ -122,7 +129,7 @@ def test_connections_without_valid_credentials_are_refused(deployment: Deploymen
 
 
 def test_a_device_publishes_and_reads_only_its_own_topics(deployment: Deployment) -> None:
-    cloud = deployment.connect(deployment.service_security("cloud"), client_id="cloud-watch")
+    cloud = deployment.service("cloud", client_id="cloud-watch")
     cam1 = deployment.device("cam-1")
     try:
         assert cloud.subscribe("edgeloop/v1/#") == "Granted QoS 1"
@@ -197,8 +204,8 @@ def test_a_device_publishes_and_reads_only_its_own_topics(deployment: Deployment
 
 
 def test_only_the_cloud_publishes_releases_and_the_collector_only_reads(deployment: Deployment) -> None:
-    cloud = deployment.connect(deployment.service_security("cloud"), client_id="cloud-pub")
-    collector = deployment.connect(deployment.service_security("collector"), client_id="collector-1")
+    cloud = deployment.service("cloud", client_id="cloud-pub")
+    collector = deployment.service("collector", client_id="collector-1")
     pw1 = deployment.device("pw-1")
     try:
         assert pw1.publish(T.fleet_release("intents"), b"{}", retain=True) == "Not authorized"
@@ -261,7 +268,7 @@ def test_update_and_inference_over_tls_end_to_end(deployment: Deployment, keys: 
         assert (status, body["predictions"][0]["label"]) == (200, "lights_on")
         # After the push: the broker binds the client id to the identity, so the cloud identity
         # holds one connection at a time (push's first, then this one).
-        cloud = deployment.connect(deployment.service_security("cloud"), client_id="cloud-e2e")
+        cloud = deployment.service("cloud", client_id="cloud-e2e")
         assert cloud.subscribe(T.device_state("cam-e2e")) == "Granted QoS 1"
         assert cloud.subscribe(f"{T.device_replies('cam-e2e')}/#") == "Granted QoS 1"
 
@@ -316,7 +323,7 @@ def test_samples_and_feedback_reach_the_collector_over_tls_end_to_end(
         security=MqttSecurity.from_config(collector_mqtt), topic_root=collector_mqtt.topic_root,
         client_id="collector-e2e",
     )  # fmt: skip
-    assert (collector_mqtt.host, collector_mqtt.port) == (deployment.broker.host, deployment.broker.port)
+    assert (collector_mqtt.host, collector_mqtt.port) == (deployment.broker.host, deployment.broker.password_port)
     assert collector.topic == f"$share/collectors/{Topics(fleet=SAMPLES_FLEET).all_samples()}"
     collector.start()  # raises if the broker refused the identity or the subscription
     agent = AgentProcess(config_path=config, http_port=port, log_path=tmp_path / "agent.log").start()
@@ -382,8 +389,8 @@ def _samples_past_an_intruder(deployment: Deployment, intruder_topics: list[str]
         if not (deployment.root / name).exists():
             deployment.pki.add_device(name, fleet=DIVERT_FLEET, out=deployment.root / name)
     deployment.broker.sync()
-    collector = deployment.connect(deployment.service_security("collector"), client_id=f"collector-{group}")
-    cloud = deployment.connect(deployment.service_security("cloud"), client_id=f"cloud-{group}")
+    collector = deployment.service("collector", client_id=f"collector-{group}")
+    cloud = deployment.service("cloud", client_id=f"cloud-{group}")
     cam2, cam3 = deployment.device("cam-s2"), deployment.device("cam-s3")
     try:
         assert collector.subscribe(f"$share/{group}/{fleet.all_samples()}") == "Granted QoS 1"
@@ -507,3 +514,76 @@ def test_collect_by_hand_finds_the_secret_group_and_a_guessing_device_gets_nothi
     assert "stopped: 20 new samples stored" in out
     assert guesser.messages == []
     assert SampleStore(store).counts()["samples"] == 20
+
+
+def test_no_device_can_take_over_another_identitys_client_id(deployment: Deployment, tmp_path: Path) -> None:
+    """The broker makes every client id the identity (use_username_as_clientid): device A connecting
+    as B's or as the collector's client id, MQTT 5 or 3.1.1, gets a session of its own. B stays on,
+    and B's batches wait in the collector's session until it comes back: none is lost."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from tests.test_sample_store import batch_of, records
+
+    fleet_name = "plant-2"
+    fleet = Topics(fleet=fleet_name)
+    for name in ("cam-ta", "cam-tb"):
+        deployment.pki.add_device(name, fleet=fleet_name, out=deployment.root / name)
+    deployment.broker.sync()
+    collector_mqtt = load_mqtt_file(deployment.pki.root / "collector" / "mqtt.toml")
+    store = SampleStore(tmp_path / "store")
+
+    def collector() -> Collector:
+        return Collector(
+            store=store, fleet=fleet_name, host=collector_mqtt.host, port=collector_mqtt.port,
+            security=MqttSecurity.from_config(collector_mqtt), share_group=deployment.pki.share_group,
+        )  # fmt: skip
+
+    first = collector()
+    first.start()  # its persistent session and subscription now exist on the broker...
+    first.stop()  # ...and it goes away
+    # An operator adds a device (broker reload) while the collector is away. Mosquitto 2.0.11 crashed
+    # after this when the collector was a certificate client; it logs in by password (provision.py).
+    deployment.pki.add_device("cam-tc", fleet=fleet_name, out=deployment.root / "cam-tc")
+    deployment.broker.sync()
+    b = deployment.device("cam-tb")
+    a5_as_b = deployment.device("cam-ta", client_id="cam-tb")
+    a5_as_collector = deployment.device("cam-ta", client_id="edgeloop-collector")
+    from cloud_trainer.collect import default_client_id
+
+    # The collector's guessable default id, as the outside probe used it: 3.1.1, clean_session false.
+    a3 = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=default_client_id(),
+                     protocol=mqtt.MQTTv311, clean_session=False)  # fmt: skip
+    deployment.device_security("cam-ta").apply(a3)
+    connacks: list[str] = []
+    a3.on_connect = lambda _c, _u, _f, reason, _p: connacks.append(str(reason))
+    a3.connect(deployment.broker.host, deployment.broker.port)
+    a3.loop_start()
+    try:
+        _wait_for("the 3.1.1 connection", lambda: bool(connacks))
+        assert b.accepted and a5_as_b.accepted and a5_as_collector.accepted, "A is let in, as itself"
+        sent = []
+        for i in range(10):  # B publishes while A holds "its" client ids
+            batch = batch_of(records(1, fleet=fleet_name, device="cam-tb", start=i), fleet=fleet_name)
+            assert b.publish(fleet.device_samples("cam-tb"), batch.to_bytes()) == "Success"
+            sent.append(batch.records[0].id)
+        assert not b.dropped.is_set(), "B was knocked off"
+        assert a5_as_b.messages == [] and a5_as_collector.messages == []
+    finally:
+        a3.loop_stop()
+        a3.disconnect()
+        for client in (a5_as_b, a5_as_collector, b):
+            client.close()
+    back = collector()
+    back.start()
+    try:
+        _wait_for("the queued batches", lambda: back.stats.new_records >= 10)
+    finally:
+        back.stop(end_session=True)
+    assert back.stats.new_records == 10
+    assert set(sent) <= set(_stored_ids(store))
+    assert deployment.broker.broker.process is not None and deployment.broker.broker.process.poll() is None
+
+
+def _stored_ids(store: SampleStore) -> list[str]:
+    return [row[0] for row in store._db.execute("SELECT id FROM received")]

@@ -13,6 +13,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from cloud_trainer.provision import Pki, ProvisionError, mosquitto_password_hash
+from edge_agent.mqtt_security import load_mqtt_file
 from tests.conftest import Keys
 
 
@@ -79,8 +80,9 @@ def test_password_devices_get_a_secret_file_and_a_mosquitto_hash(tmp_path: Path,
     assert {p.name for p in out.iterdir()} == {"agent.toml", "ca.crt", "mqtt.password", "release.pub"}
     assert _mode(out / "mqtt.password") == 0o600
     password = (out / "mqtt.password").read_text().strip()
-    (entry,) = (tmp_path / "pki" / "broker" / "passwd").read_text().splitlines()
-    user, hashed = entry.split(":", 1)
+    entries = dict(line.split(":", 1) for line in (tmp_path / "pki" / "broker" / "passwd").read_text().splitlines())
+    assert set(entries) == {"pw-1", "edgeloop-collector"}  # the collector logs in by password too
+    user, hashed = "pw-1", entries["pw-1"]
     salt = base64.b64decode(hashed.split("$")[3])
     assert (user, hashed) == ("pw-1", mosquitto_password_hash(password, salt=salt))
     assert password not in (tmp_path / "pki" / "broker" / "passwd").read_text()
@@ -123,3 +125,35 @@ def test_revoke_unknown_device_names_the_known_ones(tmp_path: Path, keys: Keys) 
     pki.add_device("cam-1", fleet="f", out=tmp_path / "cam-1")
     with pytest.raises(ProvisionError, match=r"no device 'cam-9' .*\(devices: cam-1\)"):
         pki.revoke_device("cam-9")
+
+
+def test_a_second_collector_gets_an_identity_of_its_own(tmp_path: Path, keys: Keys) -> None:
+    """The broker binds client ids to identities, so one identity holds one connection: each
+    collector host gets `edgeloop-collector-<name>`, with the collector's ACL and the secret group."""
+    from cloud_trainer.cli import main
+
+    pki = Pki.init(tmp_path / "pki", broker_host="b", release_key=keys.public)
+    assert main(["pki", "collector-add", "eu-2", "--pki", str(pki.root)]) == 0
+    out = pki.root / "collector-eu-2"
+    assert (out / "share.env").read_text() == f"EDGELOOP_SHARE_GROUP={pki.share_group}\n"
+    assert "client.crt" not in {p.name for p in out.iterdir()}  # a password identity (see provision.py)
+    password = (out / "mqtt.password").read_text().strip()
+    passwd = dict(line.split(":", 1) for line in (pki.root / "broker" / "passwd").read_text().splitlines())
+    assert set(passwd) >= {"edgeloop-collector", "edgeloop-collector-eu-2"}
+    salt_b64 = passwd["edgeloop-collector-eu-2"].split("$")[3]
+    assert passwd["edgeloop-collector-eu-2"] == mosquitto_password_hash(password, salt=base64.b64decode(salt_b64))
+    config = load_mqtt_file(out / "mqtt.toml")
+    assert (config.port, config.username, config.password()) == (
+        pki.settings["password_port"],
+        "edgeloop-collector-eu-2",
+        password,
+    )
+    acl = (pki.root / "broker" / "acl").read_text()
+    assert "user edgeloop-collector-eu-2\ntopic read edgeloop/v1/+/devices/+/samples\n" in acl
+    assert pki.collectors() == ["edgeloop-collector", "edgeloop-collector-eu-2"]
+    with pytest.raises(Exception, match="reserved"):
+        pki.add_device("edgeloop-collector-x", fleet="f", out=tmp_path / "dev")
+    with pytest.raises(Exception, match="exists already"):
+        pki.add_collector("eu-2")
+    conf = (Path(__file__).parents[1] / "deploy" / "mosquitto" / "edgeloop.conf").read_text()
+    assert conf.count("use_username_as_clientid true") == 2  # both listeners
