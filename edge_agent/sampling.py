@@ -161,6 +161,11 @@ class _HourlyCaps:
         return True
 
 
+def prediction_ids(count: int) -> list[str]:
+    """New prediction ids (32 hex digits each), as replies carry them and feedback names them."""
+    return [uuid.uuid4().hex for _ in range(count)]
+
+
 class Sampler:
     """Chooses samples and takes feedback. Thread-safe.
 
@@ -216,9 +221,18 @@ class Sampler:
         with self._lock:
             return len(self._recent), self._recent_bytes
 
-    def observe(self, inputs: list[Any], predictions: list[Prediction], version: int, *, text: bool) -> list[str]:
-        """Record one request's predictions; return their ids (in order)."""
-        ids = [uuid.uuid4().hex for _ in predictions]
+    def observe(
+        self,
+        inputs: list[Any],
+        predictions: list[Prediction],
+        version: int,
+        *,
+        text: bool,
+        ids: list[str] | None = None,
+    ) -> list[str]:
+        """Record one request's predictions; return their ids (in order): ``ids`` if given (from
+        :func:`prediction_ids`, when the reply went out first), else new ones."""
+        ids = ids if ids is not None else prediction_ids(len(predictions))
         seen = [_Seen.of(item, p, version, text=text) for item, p in zip(inputs, predictions, strict=True)]
         chosen: list[tuple[str, _Seen, list[Reason]]] = []
         rules = self._rules

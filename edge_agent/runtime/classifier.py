@@ -88,16 +88,11 @@ class Classifier(ABC):
         return softmax(self.logits(inputs))
 
     def predict(self, inputs: Sequence[Any]) -> list[Prediction]:
-        probs = self.probabilities(inputs)
         results = []
-        for row in probs:
-            best = int(row.argmax())
+        for row in self.probabilities(inputs).tolist():  # Python floats: cheaper than numpy scalars here
+            best = max(range(len(row)), key=row.__getitem__)
             results.append(
-                Prediction(
-                    label=self.labels[best],
-                    score=float(row[best]),
-                    scores={label: float(p) for label, p in zip(self.labels, row, strict=True)},
-                )
+                Prediction(label=self.labels[best], score=row[best], scores=dict(zip(self.labels, row, strict=True)))
             )
         return results
 

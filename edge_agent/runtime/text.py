@@ -74,6 +74,8 @@ class TextEncoder:
             raise InputError("text models take strings")
         prepared = [self._bounded(t.lower() if self.pre.lowercase else t) for t in texts]
         if self.pre.truncation == "head":
+            if len(prepared) == 1:  # one text: skip encode_batch's parallel batch machinery
+                return [self.tokenizer.encode(prepared[0])]
             return list(self.tokenizer.encode_batch(prepared))
         raw = self.tokenizer.encode_batch(prepared, add_special_tokens=False)
         return [self.tokenizer.post_process(self._head_tail(e)) for e in raw]
@@ -94,6 +96,13 @@ class TextEncoder:
 
     def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray[Any, np.dtype[np.int64]]]:
         """Padded int64 arrays ``input_ids``, ``attention_mask``, ``token_type_ids`` of shape (batch, longest)."""
+        if len(texts) == 1:  # the common request: no padding to do, no batch to build
+            (one,) = self.encodings(texts)
+            return {
+                "input_ids": np.array([one.ids], dtype=np.int64),
+                "attention_mask": np.array([one.attention_mask], dtype=np.int64),
+                "token_type_ids": np.array([one.type_ids], dtype=np.int64),
+            }
         encodings = self.encodings(texts)
         width = max((len(e.ids) for e in encodings), default=0)
         ids = np.full((len(encodings), width), self.pad_id, dtype=np.int64)

@@ -289,9 +289,15 @@ class InferenceServer:
             log.exception("request %s %s failed", request.method, request.path[:200])
             response = Response(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error; see the agent's log"})
         if endpoint is not None and response.status != HTTPStatus.NOT_FOUND:
+            # counted on the loop's next turn, after the reply is written (as the sampler is)
             failed = response.status == HTTPStatus.INTERNAL_SERVER_ERROR
-            self.metrics.observe(endpoint, int(response.status), time.perf_counter() - start, inference_failed=failed)
+            asyncio.get_running_loop().call_soon(
+                self._count, endpoint, int(response.status), time.perf_counter() - start, failed
+            )
         return response
+
+    def _count(self, endpoint: str, status: int, seconds: float, failed: bool) -> None:
+        self.metrics.observe(endpoint, status, seconds, inference_failed=failed)
 
     async def _post(self, request: Request) -> Response:
         path = request.path
@@ -368,7 +374,7 @@ class InferenceServer:
         start = time.perf_counter()
         version, predictions = await self.service.infer(inputs)
         elapsed_ms = round((time.perf_counter() - start) * 1000, 3)
-        ids = self.service.observe(inputs, version, predictions, model.manifest.task)
+        ids = self.service.observe_after_reply(inputs, version, predictions, model.manifest.task)
         return Response(HTTPStatus.OK, {
             "model": self.model_name,
             "version": version,
@@ -404,7 +410,7 @@ class InferenceServer:
             raise RequestError(exc.status, str(exc)) from None
         self.service.check_inputs(decoded.inputs, model)
         version, predictions = await self.service.infer(decoded.inputs)
-        self.service.observe(decoded.inputs, version, predictions, model.manifest.task)
+        self.service.observe_after_reply(decoded.inputs, version, predictions, model.manifest.task)
         payload, headers = kserve.encode_response(
             decoded, predictions, model=self.model_name, version=version, labels=model.labels
         )

@@ -25,7 +25,7 @@ from typing import Any
 
 from edge_agent.config import HttpConfig, ServingConfig
 from edge_agent.runtime import Classifier, InputError, ModelHolder, Prediction
-from edge_agent.sampling import Sampler
+from edge_agent.sampling import Sampler, prediction_ids
 from edge_agent.serving.batcher import Batcher, ModelFailure, NoModel, Overloaded
 from edge_agent.serving.kserve import InferenceStats
 from edge_agent.serving.metrics import ServingMetrics
@@ -214,7 +214,8 @@ class InferenceService:
             raise self.failed(exc, inputs=len(inputs), seconds=time.perf_counter() - start) from None
         finally:
             self._in_flight -= 1
-        self.succeeded(version, len(inputs), time.perf_counter() - start)
+        # counted on the loop's next turn, after the reply is written (the watch window sees it then)
+        asyncio.get_running_loop().call_soon(self.succeeded, version, len(inputs), time.perf_counter() - start)
         return version, predictions
 
     def succeeded(self, version: int, inputs: int, seconds: float) -> None:
@@ -244,12 +245,27 @@ class InferenceService:
         log.exception("inference failed outside the model", exc_info=exc)
         return RequestError(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {type(exc).__name__}")
 
-    def observe(self, inputs: list[Any], version: int, predictions: list[Prediction], task: str) -> list[str] | None:
+    def observe_after_reply(
+        self, inputs: list[Any], version: int, predictions: list[Prediction], task: str
+    ) -> list[str] | None:
+        """The predictions' ids now; the sampler sees them on the event loop's next turn, after the
+        reply is written, so its bookkeeping is not part of the request's latency. Call it on the
+        event loop: a request the client sends after reading the reply (feedback naming these ids)
+        is read on a later turn, so it always finds them."""
+        if self.sampler is None:
+            return None
+        ids = prediction_ids(len(predictions))
+        asyncio.get_running_loop().call_soon(self.observe, inputs, version, predictions, task, ids)
+        return ids
+
+    def observe(
+        self, inputs: list[Any], version: int, predictions: list[Prediction], task: str, ids: list[str] | None = None
+    ) -> list[str] | None:
         """Show a request's predictions to the sampler; their ids, or None without one. Never raises."""
         if self.sampler is None:
             return None
         try:
-            return self.sampler.observe(inputs, predictions, version, text=task == "text-classification")
+            return self.sampler.observe(inputs, predictions, version, text=task == "text-classification", ids=ids)
         except Exception:  # sampling must never fail a request
             log.exception("sampling failed")
             return None
