@@ -4,13 +4,17 @@ in reverse. Subsystems meet here and nowhere else."""
 from __future__ import annotations
 
 import logging
+import platform
 import threading
 from datetime import datetime, timezone
 from typing import Any, get_args
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from paho.mqtt.client import MQTTMessageInfo
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
+from edge_agent import __version__
 from edge_agent.config import AgentConfig, ConfigError
 from edge_agent.fetch import ChunkFetcher
 from edge_agent.mqtt_security import MqttSecurity
@@ -18,7 +22,7 @@ from edge_agent.outbox import Outbox
 from edge_agent.protocol.errors import ProtocolError
 from edge_agent.protocol.release import key_id_of, load_public_key
 from edge_agent.protocol.samples import SamplingPolicy
-from edge_agent.protocol.state import Availability, DeviceState, UpdateState
+from edge_agent.protocol.state import Availability, DeviceState, HostFacts, UpdateState
 from edge_agent.protocol.topics import Topics
 from edge_agent.runtime import HealthCheckError, ModelHolder, ModelLoadError
 from edge_agent.sampling import Sampler
@@ -33,6 +37,18 @@ from edge_agent.uploader import SampleUploader, SampleWriter
 from edge_agent.watch import HealthWatch
 
 log = logging.getLogger(__name__)
+
+
+def _host_facts() -> HostFacts:
+    import onnxruntime
+
+    return HostFacts(
+        machine=platform.machine(),
+        system=f"{platform.system()} {platform.release()}",
+        python=platform.python_version(),
+        onnxruntime=onnxruntime.__version__,
+        providers=list(onnxruntime.get_available_providers()),
+    )
 
 
 def _now() -> str:
@@ -60,8 +76,9 @@ class Agent:
         self.holder = ModelHolder()
         self._state_lock = threading.Lock()
         self._state = DeviceState(
-            device=config.device_id, fleet=config.fleet, online=True, model=config.model, updated_at=_now()
-        )
+            device=config.device_id, fleet=config.fleet, online=True, model=config.model, updated_at=_now(),
+            group=config.group, agent_version=__version__, started_at=_now(), host=_host_facts(),
+        )  # fmt: skip
         self._state_topic = self.topics.device_state(config.device_id)
         self._availability_topic = self.topics.device_availability(config.device_id)
         self._connected_at = _now()
@@ -143,7 +160,7 @@ class Agent:
         self.telemetry = TelemetryPublisher(
             interval_s=config.serving.telemetry_interval_s,
             metrics=self.metrics,
-            publish=lambda payload: self._publish_if_connected(telemetry_topic, payload),
+            publish=lambda payload: self._publish_telemetry(telemetry_topic, payload),
             describe=self._describe,
             outbox=self.outbox.stats,
         )
@@ -272,9 +289,23 @@ class Agent:
         cfg = self.config
         return cfg.device_id, cfg.fleet, cfg.model, model.version if model else None, self.server.batcher.depth
 
-    def _publish_if_connected(self, topic: str, payload: bytes) -> None:
+    def _json_properties(self, *, expiry_s: int | None = None) -> Properties | None:
+        """MQTT 5 properties of a published JSON document (content type, message expiry); None on 3.1.1."""
+        if self.config.mqtt.protocol != "5":
+            return None
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.ContentType = "application/json"
+        if expiry_s is not None:
+            props.MessageExpiryInterval = expiry_s
+        return props
+
+    def _publish_telemetry(self, topic: str, payload: bytes) -> None:
+        """Retained, so a dashboard that subscribes sees the latest at once; on MQTT 5 it expires
+        after three periods, so a device that went silent stops showing numbers there."""
         if self.transport.connected.is_set():
-            self.transport.publish(topic, payload, qos=0)
+            expiry = max(60, round(3 * self.config.serving.telemetry_interval_s))
+            props = self._json_properties(expiry_s=expiry)
+            self.transport.publish(topic, payload, qos=0, retain=True, properties=props)
 
     def _republish_state(self) -> None:
         """After every (re)connect: availability says online again; the state may have changed meanwhile."""
@@ -315,9 +346,11 @@ class Agent:
         if not self.transport.connected.is_set():
             return None
         payload = self._availability(online=online, at=_now())
-        return self.transport.publish(self._availability_topic, payload, qos=1, retain=True)
+        props = self._json_properties()
+        return self.transport.publish(self._availability_topic, payload, qos=1, retain=True, properties=props)
 
     def _publish_state(self) -> MQTTMessageInfo | None:
         if not self.transport.connected.is_set():
             return None  # published again on connect
-        return self.transport.publish(self._state_topic, self._state.to_bytes(), qos=1, retain=True)
+        props = self._json_properties()
+        return self.transport.publish(self._state_topic, self._state.to_bytes(), qos=1, retain=True, properties=props)

@@ -13,6 +13,18 @@ UpdateState = Literal[
 ]
 
 
+class HostFacts(BaseModel):
+    """What runs the agent, for a fleet view: set once at start-up."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    machine: str = Field(description="CPU architecture, e.g. x86_64, aarch64")
+    system: str = Field(description="OS and kernel release, e.g. Linux 6.1.0-18-arm64")
+    python: str
+    onnxruntime: str
+    providers: list[str] = Field(description="execution providers this onnxruntime build offers")
+
+
 class DeviceState(BaseModel):
     """Published retained on ``.../devices/{device}/state`` at every change.
 
@@ -37,6 +49,10 @@ class DeviceState(BaseModel):
     bytes_transferred: int | None = None
     last_error: str | None = None
     updated_at: str
+    group: str | None = Field(default=None, description="the device's group (group releases reach it)")
+    agent_version: str | None = Field(default=None, description="the edge-agent release running")
+    started_at: str | None = Field(default=None, description="when this agent process started (uptime)")
+    host: HostFacts | None = None
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json(by_alias=True).encode()

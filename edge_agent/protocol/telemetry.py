@@ -1,4 +1,5 @@
-"""Telemetry: a periodic, not retained, JSON document per device for dashboards."""
+"""Telemetry: a periodic JSON document per device for dashboards, retained (with an MQTT 5 message
+expiry of three periods, so a silent device's numbers do not outlive it there)."""
 
 from __future__ import annotations
 
