@@ -147,7 +147,7 @@ def add_deploy_commands(sub: Any) -> None:
     coll.add_argument("--pki", type=Path, help=pki_help)
     coll.set_defaults(func=_cmd_pki_collector_add)
 
-    d = sub.add_parser("device", help="provision devices: add (identity + config directory), revoke, list")
+    d = sub.add_parser("device", help="devices: add (identity + config directory), revoke, list, pin, unpin")
     d.add_argument("--pki", type=Path, help=pki_help)
     dev = d.add_subparsers(dest="device_command", required=True)
     add = dev.add_parser("add", help="issue a device identity and write its ready-to-copy config directory")
@@ -164,3 +164,6 @@ def add_deploy_commands(sub: Any) -> None:
     revoke.add_argument("name")
     dev.add_parser("list", help="the provisioned devices")
     d.set_defaults(func=_cmd_device)
+    from cloud_trainer.cli_rollout import add_pin_commands
+
+    add_pin_commands(dev)  # device pin|unpin: releases, not identities

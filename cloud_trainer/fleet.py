@@ -136,6 +136,10 @@ class FleetView:
         fleet: one fleet, or ``None`` for every fleet under ``topic_root``.
         topic_root: the topic prefix (``edgeloop/v1``).
         on_change: called (on the network thread) with each row that changed.
+        transport: an open connection to read over (its subscriptions are removed at :meth:`stop`)
+            instead of one of its own: a broker that binds client ids to identities lets one
+            identity hold one connection at a time (``cloud-train rollout`` publishes and watches
+            over the same one).
     """
 
     def __init__(
@@ -148,6 +152,7 @@ class FleetView:
         topic_root: str | None = None,
         protocol: str = "5",
         on_change: Callable[[DeviceRow], None] | None = None,
+        transport: MqttTransport | None = None,
     ) -> None:
         self.fleet = check_segment("fleet", fleet) if fleet is not None else None
         self.root = topic_root or DEFAULT_ROOT
@@ -157,7 +162,8 @@ class FleetView:
         self._probe = f"{self.root}/{self.fleet or '_fleet-view'}/views/{secrets.token_hex(8)}"
         self._probe_back = threading.Event()
         self._last_message = time.monotonic()
-        self._transport = MqttTransport(
+        self._own = transport is None
+        self._transport = transport or MqttTransport(
             host=host, port=port, client_id=f"cloud-train-fleet-{secrets.token_hex(4)}", protocol=protocol,
             security=security, max_packet_bytes=1024 * 1024,
         )  # fmt: skip
@@ -171,7 +177,8 @@ class FleetView:
         for topic in self.filters():
             self._transport.subscribe(topic, self._on_message, qos=0)
         self._transport.subscribe(self._probe, lambda _t, _p, _r: self._probe_back.set(), qos=1)
-        self._transport.connect(timeout_s=timeout_s)
+        if self._own:
+            self._transport.connect(timeout_s=timeout_s)
         deadline = time.monotonic() + timeout_s
         for topic in [*self.filters(), self._probe]:
             self._transport.wait_subscribed(topic, timeout_s=max(0.1, deadline - time.monotonic()))
@@ -186,7 +193,11 @@ class FleetView:
             time.sleep(0.05)  # no probe: the snapshot ends when the broker has been quiet for quiet_s
 
     def stop(self) -> None:
-        self._transport.stop()
+        if self._own:
+            self._transport.stop()
+            return
+        for topic in [*self.filters(), self._probe]:
+            self._transport.unsubscribe(topic)
 
     def rows(self, keep: Callable[[DeviceRow], bool] | None = None) -> list[DeviceRow]:
         with self._lock:
