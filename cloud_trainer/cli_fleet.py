@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from cloud_trainer.cli_deploy import add_connection_arguments, connection_from_args
 
 if TYPE_CHECKING:
-    from rich.table import Table
+    from rich.text import Text
 
     from cloud_trainer.fleet import DeviceRow
 
@@ -56,6 +56,9 @@ FORMATS = {
 }
 
 
+MAX_ERROR = 60  # characters of the last error shown in the table (--json has all of it)
+
+
 def _cell(key: str, row: dict[str, Any]) -> str:
     value = row[key]
     if key == "online" or (key == "last_error" and row["problem"]):
@@ -65,15 +68,25 @@ def _cell(key: str, row: dict[str, Any]) -> str:
     return FORMATS[key](value, row) if key in FORMATS else str(value)
 
 
-def table(rows: list[DeviceRow], title: str) -> Table:
-    from rich.table import Table
+def table(rows: list[DeviceRow], title: str) -> Text:
+    """The rows as aligned columns, colours kept. Laid out here rather than with ``rich.table``:
+    its per-cell measuring took 1.4 s for 1,000 devices (bench/fleet_view.py)."""
+    from rich.text import Text
 
-    out = Table(title=title, title_justify="left")
-    for name, _ in COLUMNS:
-        out.add_column(name, overflow="fold")
-    for row in rows:
-        data = row.to_json()
-        out.add_row(*(_cell(key, data) for _, key in COLUMNS))
+    cells = [[Text.from_markup(_cell(key, row.to_json())) for _, key in COLUMNS] for row in rows]
+    for line in cells:
+        for i, (_, key) in enumerate(COLUMNS):
+            if key == "last_error" and len(line[i]) > MAX_ERROR:
+                line[i].truncate(MAX_ERROR, overflow="ellipsis")
+    headers = [Text(name, style="bold") for name, _ in COLUMNS]
+    widths = [max(len(c) for c in column) for column in zip(headers, *cells, strict=True)]
+    out = Text(f"{title}\n", style="bold")
+    for line in [headers, *cells]:
+        for cell, width in zip(line, widths, strict=True):
+            out.append_text(cell)
+            out.append(" " * (width - len(cell) + 2))
+        out.rstrip()
+        out.append("\n")
     return out
 
 
