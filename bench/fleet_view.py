@@ -47,11 +47,12 @@ def now() -> str:
 def documents(fleet: str, i: int, *, version: int | None = None) -> dict[str, bytes]:
     device = f"sim-{i:05d}"
     online = i % 17 != 0
+    update = STATES[i % len(STATES)]
     state = {
         "schema": "edgeloop.state/1", "device": device, "fleet": fleet, "online": online, "model": "intents",
-        "active_version": version or (3 if i % 5 else 2), "previous_version": 2, "update_state": STATES[i % len(STATES)],
-        "update_version": 3, "progress": 0.4 if STATES[i % len(STATES)] == "downloading" else None,
-        "last_error": "v3 breached the error-rate watch" if STATES[i % len(STATES)] == "rolled-back" else None,
+        "active_version": version or (3 if i % 5 else 2), "previous_version": 2, "update_state": update,
+        "update_version": 3, "progress": 0.4 if update == "downloading" else None,
+        "last_error": "v3 breached the error-rate watch" if update == "rolled-back" else None,
         "updated_at": now(), "group": f"line-{i % 4}", "agent_version": "0.1.0", "started_at": now(),
         "host": {"machine": "aarch64", "system": "Linux 5.15.136-tegra", "python": "3.10.12",
                  "onnxruntime": "1.19.0", "providers": ["CPUExecutionProvider"]},
