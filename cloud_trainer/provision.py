@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 from cloud_trainer.errors import CloudTrainError
 from cloud_trainer.pki import CertificateAuthority, PkiError, write_private, write_public
+from edge_agent.homeassistant import node_id
 from edge_agent.protocol.release import load_public_key
 from edge_agent.protocol.topics import DEFAULT_ROOT, Topics, check_segment
 
@@ -82,6 +83,8 @@ def acl_entries(*, user: str, fleet: str, group: str | None, root: str = DEFAULT
     ]
     if group:
         lines.append(f"topic read {topics.base}/groups/{check_segment('group', group)}/releases/+")
+    # Home Assistant MQTT discovery (opt-in on the device): its own entities' configs only
+    lines.append(f"topic write homeassistant/+/{node_id(user)}/+/config")
     return lines
 
 

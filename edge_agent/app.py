@@ -17,6 +17,7 @@ from paho.mqtt.properties import Properties
 from edge_agent import __version__
 from edge_agent.config import AgentConfig, ConfigError
 from edge_agent.fetch import ChunkFetcher
+from edge_agent.homeassistant import discovery_messages
 from edge_agent.mqtt_security import MqttSecurity
 from edge_agent.outbox import Outbox
 from edge_agent.protocol.errors import ProtocolError
@@ -311,6 +312,16 @@ class Agent:
         """After every (re)connect: availability says online again; the state may have changed meanwhile."""
         self._publish_availability(online=True)
         self._publish_state()
+        if self.config.homeassistant.discovery:
+            self._publish_discovery()
+
+    def _publish_discovery(self) -> None:
+        cfg = self.config
+        messages = discovery_messages(
+            topics=self.topics, device=cfg.device_id, model=cfg.model, prefix=cfg.homeassistant.prefix
+        )
+        for topic, payload in messages.items():
+            self.transport.publish(topic, payload, qos=1, retain=True, properties=self._json_properties())
 
     def _offline_will(self) -> bytes:
         """The last will, built before every connect attempt: ``connected_at`` is that attempt."""

@@ -225,6 +225,15 @@ class OutboxConfig(_Section):
     retry_max_s: float = Field(default=60.0, gt=0, description="longest back-off between upload attempts")
 
 
+class HomeAssistantConfig(_Section):
+    """``[homeassistant]``: MQTT discovery, so the device and its sensors appear in Home Assistant."""
+
+    discovery: bool = Field(default=False, description="publish discovery configs (retained) after each connect")
+    prefix: Annotated[str, _segment("homeassistant.prefix")] = Field(
+        default="homeassistant", description="Home Assistant's discovery prefix"
+    )
+
+
 class AgentConfig(_Section):
     device_id: Annotated[str, _segment("device_id")]
     fleet: Annotated[str, _segment("fleet")]
@@ -239,6 +248,7 @@ class AgentConfig(_Section):
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    homeassistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig)
 
 
 def _resolve(value: Any, base: Path) -> Any:
