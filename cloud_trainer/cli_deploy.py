@@ -96,6 +96,14 @@ def _cmd_pki_collector_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pki_viewer_add(args: argparse.Namespace) -> int:
+    pki = _pki(args)
+    identity = pki.add_viewer(args.name)
+    print(f"viewer identity {identity} (read-only): --mqtt-config {pki.root / f'viewer-{args.name}' / 'mqtt.toml'}")
+    print(f"broker files changed: copy {pki.root / 'broker'}/{{acl,passwd,crl.pem}} and reload mosquitto")
+    return 0
+
+
 def _cmd_device(args: argparse.Namespace) -> int:
     pki = _pki(args)
     if args.device_command == "add":
@@ -146,6 +154,12 @@ def add_deploy_commands(sub: Any) -> None:
     coll.add_argument("name", help="a suffix: the identity is edgeloop-collector-NAME")
     coll.add_argument("--pki", type=Path, help=pki_help)
     coll.set_defaults(func=_cmd_pki_collector_add)
+    view = pki_sub.add_parser(
+        "viewer-add", help="a read-only identity for fleet status --watch, rollout status and dashboards"
+    )
+    view.add_argument("name", help="a suffix: the identity is edgeloop-viewer-NAME")
+    view.add_argument("--pki", type=Path, help=pki_help)
+    view.set_defaults(func=_cmd_pki_viewer_add)
 
     d = sub.add_parser("device", help="devices: add (identity + config directory), revoke, list, pin, unpin")
     d.add_argument("--pki", type=Path, help=pki_help)

@@ -1,7 +1,11 @@
-"""The end-to-end demo on one machine: broker, fine-tune, export, push, edge-agent, predictions.
+"""The end-to-end demo on one machine: the whole loop, twice round.
 
-Every step says what it does. The agent and the push run as separate processes, exactly as a
-user would run them; everything started here is stopped at the end.
+Broker, fine-tune, export, push v1, edge-agent, predictions; then the agent's samples go back to
+a collector, are labelled from the packaged data, and go into the fine-tune of v2, which is
+pushed as a canary, promoted, and served. ``fleet status`` shows the fleet along the way.
+
+Every step says what it does. The agent and the ``cloud-train`` commands run as separate
+processes, exactly as a user would run them; everything started here is stopped at the end.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ DEMO_TEXTS = [
     "make sure the back door is locked",
 ]
 FLEET, DEVICE, MODEL = "demo", "demo-device-1", "intents"
+PHRASINGS = ["hey,", "please", "ok so", "could you", "quick one:"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,6 +79,15 @@ def agent_config(*, workdir: Path, host: str, port: int, http_port: int, public_
 
         [update]
         trusted_keys = ["{public_key}"]
+
+        [serving]
+        telemetry_interval_s = 2
+
+        [sampling]
+        random_rate = 0.5           # the demo keeps half of all predictions (plus the unsure ones)
+
+        [outbox]
+        upload_interval_s = 0.5
         """
     )
 
@@ -179,6 +193,8 @@ class _Demo:
         self.broker: LocalBroker | None = None
         self.agent: subprocess.Popen[bytes] | None = None
         self.watcher: StateWatcher | None = None
+        self.collector: Any = None
+        self.key = Path()
         self.host, self.port, self.protocol = "127.0.0.1", 0, "5"
 
     def start_broker(self) -> None:
@@ -195,27 +211,35 @@ class _Demo:
         self.host, self.port, self.protocol = self.broker.host, self.broker.port, self.broker.protocol
         say(f"started {self.broker.kind} on {self.host}:{self.port} (MQTT {self.protocol})")
 
-    def train(self) -> None:
+    def train(self, run: str = "run", *, with_samples: bool = False) -> None:
         from cloud_trainer.data import PACKAGED_DATASET
+        from cloud_trainer.labelling import labelled_texts
         from cloud_trainer.runs import train_run
+        from cloud_trainer.sample_store import SampleStore
         from cloud_trainer.train import TrainConfig
 
         config = TrainConfig(epochs=self.options.epochs, max_steps=self.options.max_steps, progress=False)
+        samples = labelled_texts(SampleStore(self.workdir / "samples"), MODEL) if with_samples else None
         say(f"data: {PACKAGED_DATASET.name}; base model: {config.base_model}")
+        if samples is not None:
+            say(f"$ cloud-train train ... --include-samples {MODEL}   # {len(samples)} labelled fleet samples")
         started = time.monotonic()
-        result = train_run(PACKAGED_DATASET, self.workdir / "run", config=config)
+        result = train_run(PACKAGED_DATASET, self.workdir / run, config=config, samples=samples)
         m = result.metrics
+        if samples is not None:
+            info = m["samples"]
+            say(f"fleet samples: {info['added']} added to the training split, {info['duplicates_skipped']} were in it")
         say(
             f"trained on {m['train_examples']} examples in {time.monotonic() - started:.0f}s; "
             f"held-out accuracy {m['accuracy']:.1%}, macro-F1 {m['macro_f1']:.3f} ({m['val_examples']} examples, "
             f"{len(result.labels)} intents)"
         )
 
-    def export(self) -> None:
+    def export(self, run: str = "run") -> None:
         from cloud_trainer.registry import Registry
         from cloud_trainer.runs import register_run
 
-        entry, r = register_run(Registry(self.workdir / "registry"), self.workdir / "run", model=MODEL)
+        entry, r = register_run(Registry(self.workdir / "registry"), self.workdir / run, model=MODEL)
         say(
             f"ONNX fp32 vs PyTorch: max |logit diff| {r['parity_max_abs_diff']:.1e} on {r['parity_samples']} texts\n"
             f"accuracy fp32 {r['onnx_fp32_accuracy']:.1%} -> {r['quantization']} {r['bundle_model_accuracy']:.1%}; "
@@ -228,17 +252,68 @@ class _Demo:
     def push(self) -> Path:
         from cloud_trainer.signing import generate_keypair
 
-        private, public = generate_keypair(self.workdir / "keys")
-        args = ["push", f"{MODEL}:1", "--registry", str(self.workdir / "registry"), "--fleet", FLEET]
-        args += ["--key", str(private), "--broker", f"{self.host}:{self.port}", "--mqtt-protocol", self.protocol]
+        self.key, public = generate_keypair(self.workdir / "keys")
+        self.cloud_train("push", f"{MODEL}:1", "--registry", str(self.workdir / "registry"), "--key", str(self.key))
+        return public
+
+    def cloud_train(self, *args: str) -> str:
+        """Run ``cloud-train`` as a user would (for this fleet and broker), show the command and its output."""
+        args = (*args, "--fleet", FLEET, "--broker", f"{self.host}:{self.port}", "--mqtt-protocol", self.protocol)
         say("$ cloud-train " + " ".join(args))
-        pushed = subprocess.run(
+        done = subprocess.run(
             [sys.executable, "-m", "cloud_trainer", *args], capture_output=True, text=True, check=False
         )
-        if pushed.returncode != 0:
-            raise CloudTrainError(f"cloud-train push failed: {pushed.stderr.strip()}")
-        say(pushed.stdout.strip())
-        return public
+        if done.returncode != 0:
+            raise CloudTrainError(f"cloud-train {args[0]} failed: {(done.stderr or done.stdout).strip()[-2000:]}")
+        say(done.stdout.rstrip())
+        return done.stdout
+
+    def start_collector(self) -> None:
+        from cloud_trainer.collect import Collector
+        from cloud_trainer.sample_store import SampleStore
+
+        self.collector = Collector(
+            store=SampleStore(self.workdir / "samples", collector=True), fleet=FLEET, host=self.host,
+            port=self.port, protocol=self.protocol, share_group=None, client_id="demo-collector",
+        )  # fmt: skip
+        self.collector.start()
+        say(f"collector subscribed to {self.collector.topic}; samples go to {self.workdir / 'samples'}")
+
+    def collect_and_label(self, http_port: int, minimum: int = 10) -> None:
+        """Serve the validation texts, wait for the agent's samples to arrive, label them from the data."""
+        from cloud_trainer.data import load_labelled
+        from cloud_trainer.sample_store import SampleStore
+
+        seen = load_labelled(self.workdir / "run" / "train.csv")
+        # What users say in the field: requests of the training split as people phrase them, so that
+        # each is new to the data set, and its label is the one the packaged data gives the original.
+        # From the training split, not the validation one: v2's held-out score stays honest.
+        labels = {f"{PHRASINGS[i % len(PHRASINGS)]} {t}": label
+                  for i, (t, label) in enumerate(zip(seen.texts[:80], seen.labels[:80], strict=True))}  # fmt: skip
+        conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=30)
+        for text in labels:  # the device in use: each request is one prediction the sampler sees
+            conn.request("POST", "/v1/predict", body=json.dumps({"texts": [text]}),
+                         headers={"Content-Type": "application/json"})  # fmt: skip
+            conn.getresponse().read()
+        conn.close()
+        say(f"served {len(labels)} more requests; the agent keeps some and uploads them over MQTT")
+        store = SampleStore(self.workdir / "samples")
+        deadline = time.monotonic() + 60
+        while store.counts()["samples"] < minimum:
+            if time.monotonic() > deadline:
+                raise CloudTrainError(f"only {store.counts()['samples']} samples arrived within 60 s")
+            time.sleep(0.2)
+        time.sleep(1.0)  # let the batch in flight land too
+        samples = store.query(model=MODEL, labelled=False)
+        known = [(s.prediction_id, labels[s.text]) for s in samples if s.text in labels]
+        store.set_labels(known, source="demo: the packaged data's labels")
+        wrong = sum(1 for s in samples if s.text in labels and s.predicted != labels[s.text])
+        say(f"collected {len(samples)} samples; labelled {len(known)} from the packaged data "
+            f"(the model had {wrong} of them wrong)")  # fmt: skip
+        store.close()
+
+    def fleet_status(self) -> None:
+        self.cloud_train("fleet", "status")
 
     def start_agent(self, public_key: Path) -> int:
         self.watcher = StateWatcher(self.host, self.port, self.protocol)
@@ -276,6 +351,8 @@ class _Demo:
             say(f"edge-agent stopped (exit code {self.agent.returncode})")
         if self.watcher is not None:
             self.watcher.stop()
+        if self.collector is not None:
+            self.collector.stop()
         if self.broker is not None:
             self.broker.stop()
             say(f"{self.broker.kind} stopped")
@@ -285,7 +362,7 @@ def run_demo(options: DemoOptions) -> int:
     os.environ["HF_HUB_OFFLINE"] = "1"  # nothing downloads weights: the base model ships in a package
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    steps = _Steps(7)
+    steps = _Steps(12)
     demo = _Demo(options)
     t0 = time.monotonic()
     try:
@@ -298,9 +375,25 @@ def run_demo(options: DemoOptions) -> int:
         steps("sign and push version 1 over MQTT (cloud-train push)")
         public_key = demo.push()
         steps("start edge-agent; it receives the release, fetches and verifies the bundle, and serves it")
+        demo.start_collector()
         http_port = demo.start_agent(public_key)
         steps("ask the agent for predictions")
         query(http_port, DEMO_TEXTS)
+        steps("samples back: the agent uploads what it kept, the collector stores them, we label them")
+        demo.collect_and_label(http_port)
+        demo.fleet_status()
+        steps("fine-tune version 2 with the labelled fleet samples")
+        demo.train("run-v2", with_samples=True)
+        steps("export and register version 2")
+        demo.export("run-v2")
+        steps("push version 2 as a 50 % canary, then promote it to the whole fleet")
+        demo.cloud_train("push", f"{MODEL}:2", "--canary", "50", "--registry", str(demo.workdir / "registry"),
+                         "--key", str(demo.key))  # fmt: skip
+        demo.cloud_train("rollout", "promote", "--key", str(demo.key), "--wait", "180")
+        wait_ready(http_port, 2, demo.agent)  # type: ignore[arg-type]
+        steps("version 2 serves; the fleet as `cloud-train fleet status` shows it")
+        query(http_port, DEMO_TEXTS)
+        demo.fleet_status()
         steps("stop everything")
     finally:
         demo.close()

@@ -39,6 +39,7 @@ from edge_agent.protocol.topics import DEFAULT_ROOT, Topics, check_segment
 
 CLOUD_IDENTITY = "edgeloop-cloud"
 COLLECTOR_IDENTITY = "edgeloop-collector"
+VIEWER_IDENTITY = "edgeloop-viewer"  # viewer identities are edgeloop-viewer-<name>
 RESERVED = (CLOUD_IDENTITY, COLLECTOR_IDENTITY)
 CERT_PORT = 8883
 PASSWORD_PORT = 8884
@@ -93,6 +94,13 @@ def service_acl_entries(identity: str, *, root: str = DEFAULT_ROOT) -> list[str]
     everything; the collector only reads samples, state, availability and telemetry (shared subscriptions)."""
     if identity == CLOUD_IDENTITY:
         return [f"topic readwrite {root}/#"]
+    if identity.startswith(f"{VIEWER_IDENTITY}-"):  # fleet views: what devices report, and the releases
+        return [
+            *(f"topic read {root}/+/devices/+/{kind}" for kind in ("state", "availability", "telemetry")),
+            f"topic read {root}/+/releases/+",
+            f"topic read {root}/+/groups/+/releases/+",
+            f"topic read {root}/+/devices/+/releases/+",
+        ]
     return [f"topic read {root}/+/devices/+/{kind}" for kind in ("samples", "state", "availability", "telemetry")]
 
 
@@ -248,6 +256,43 @@ class Pki:
         self.write_broker_files()
         return identity
 
+    def add_viewer(self, name: str) -> str:
+        """A read-only identity, ``edgeloop-viewer-<name>``, in ``<pki>/viewer-<name>/``, for
+        ``fleet status --watch``, ``rollout status`` and dashboards that run beside the cloud's
+        own commands (one connection per identity: the cloud identity would keep kicking them).
+        It reads the devices' state, availability and telemetry and the releases; it writes nothing."""
+        try:
+            check_segment("viewer name", name)
+        except ValueError as exc:
+            raise PkiError(str(exc)) from None
+        identity = f"{VIEWER_IDENTITY}-{name}"
+        data = self._identities()
+        if name in data.get("viewers", []) or identity in data["devices"]:
+            raise PkiError(f"a viewer named {name!r} exists already")
+        out = self.root / f"viewer-{name}"
+        out.mkdir(exist_ok=True)
+        issued = self.ca.issue(identity)
+        write_public(out / "ca.crt", self.ca.cert_pem)
+        write_public(out / "client.crt", issued.cert_pem)
+        write_private(out / "client.key", issued.key_pem)
+        write_public(
+            out / "mqtt.toml",
+            (
+                f"# The {identity} identity (read-only): pass to cloud-train with --mqtt-config {out / 'mqtt.toml'}\n"
+                f"[mqtt]\nhost = {json.dumps(self.settings['broker_host'])}\nport = {self.settings['cert_port']}\n"
+                f"topic_root = {json.dumps(self.settings['topic_root'])}\n\n"
+                '[mqtt.tls]\nca_file = "ca.crt"\ncert_file = "client.crt"\nkey_file = "client.key"\n'
+            ).encode(),
+        )
+        data = self._identities()
+        data.setdefault("viewers", []).append(name)
+        self._save_identities(data)
+        self.write_broker_files()
+        return identity
+
+    def viewers(self) -> list[str]:
+        return [f"{VIEWER_IDENTITY}-{n}" for n in self._identities().get("viewers", [])]
+
     def collectors(self) -> list[str]:
         """Every collector identity: the one of ``init`` and those of :meth:`add_collector`."""
         return [COLLECTOR_IDENTITY, *(f"{COLLECTOR_IDENTITY}-{n}" for n in self._identities().get("collectors", []))]
@@ -283,7 +328,7 @@ class Pki:
                 check_segment("group", group)
         except ValueError as exc:
             raise ProvisionError(str(exc)) from None
-        if name in RESERVED or name.startswith(f"{COLLECTOR_IDENTITY}-"):
+        if name in RESERVED or name.startswith((f"{COLLECTOR_IDENTITY}-", f"{VIEWER_IDENTITY}-")):
             raise ProvisionError(f"device name {name!r} is reserved for the cloud's own identities")
         data = self._identities()
         if name in data["devices"]:
@@ -369,7 +414,7 @@ class Pki:
             "# After a change: copy to the broker, then `systemctl reload mosquitto`.",
             "# No topic is open to all: every identity gets exactly its own lines below.",
         ]
-        for identity in (CLOUD_IDENTITY, *self.collectors()):
+        for identity in (CLOUD_IDENTITY, *self.collectors(), *self.viewers()):
             lines += ["", f"user {identity}", *service_acl_entries(identity, root=root)]
         for name, device in sorted(data["devices"].items()):
             lines += ["", f"# device {name}: fleet {device['fleet']}, group {device['group'] or '-'}, {device['auth']}"]
