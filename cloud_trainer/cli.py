@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud_trainer.cli_chunks import add_chunk_commands
+from cloud_trainer.cli_dashboard import add_dashboard_command
 from cloud_trainer.cli_deploy import add_connection_arguments, add_deploy_commands, connection_from_args
 from cloud_trainer.cli_evaluate import add_evaluate_command
 from cloud_trainer.cli_fleet import add_fleet_commands
@@ -108,8 +109,22 @@ def _report_test(args: argparse.Namespace) -> None:
     print(format_report(report))
 
 
+def _export_precision(args: argparse.Namespace) -> tuple[str, str]:
+    """``(quantization, CPU preset)`` for ``--quantize`` and ``--target``: a GPU target (a Jetson's
+    CUDA and TensorRT providers) ships fp16 unless told otherwise; dynamic int8 is CPU-only there."""
+    if args.target != "gpu":
+        return args.quantize or "dynamic-int8", args.target
+    if args.quantize == "dynamic-int8":
+        raise CloudTrainError(
+            "--target gpu: dynamic int8 (MatMulInteger) has no CUDA or TensorRT kernel and would run on the "
+            "device's CPU; use --quantize fp16 (the default for gpu), static-int8 (QDQ, which TensorRT runs) or none"
+        )
+    return args.quantize or "fp16", "avx2"  # the preset is unused without dynamic int8
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     registry = _registry(args)
+    args.quantize, args.target = _export_precision(args)
     options = {"quantization": args.quantize, "max_accuracy_drop": args.max_accuracy_drop,
                "max_f1_drop": args.max_f1_drop}  # fmt: skip
     if (args.run / "checkpoint" / "model.pt").is_file():  # a digits CNN run
@@ -279,10 +294,11 @@ def _add_export(sub: Any) -> None:
     p.add_argument("--run", type=Path, required=True, help="run directory from `cloud-train train`")
     p.add_argument("--model", default="intents", help="model name in the fleet (default intents)")
     p.add_argument("--version", type=int, help="default: the next version")
-    p.add_argument("--quantize", choices=["dynamic-int8", "static-int8", "fp16", "none"], default="dynamic-int8",
-                   help="precision of the shipped model")  # fmt: skip
-    p.add_argument("--target", choices=["avx2", "avx512_vnni", "arm64"], default="avx2",
-                   help="CPU preset for dynamic int8 (default avx2)")  # fmt: skip
+    p.add_argument("--quantize", choices=["dynamic-int8", "static-int8", "fp16", "none"],
+                   help="precision of the shipped model (default: dynamic-int8; fp16 for --target gpu)")  # fmt: skip
+    p.add_argument("--target", choices=["avx2", "avx512_vnni", "arm64", "gpu"], default="avx2",
+                   help="where the bundle runs: a CPU preset for dynamic int8, or gpu (a Jetson's CUDA and "
+                        "TensorRT providers: fp16 by default)")  # fmt: skip
     p.add_argument("--max-accuracy-drop", type=float, default=1.0,
                    help="quantization gate: accuracy points the bundle may lose against fp32 (default 1.0); "
                         "a larger drop fails if significant (McNemar p < 0.05) or over 3x this")  # fmt: skip
@@ -376,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (
         _add_train, _add_export, _add_push, _add_models, _add_misc, add_deploy_commands, add_sample_commands,
         add_evaluate_command, add_chunk_commands, add_fleet_commands, add_rollout_commands,
+        add_dashboard_command,
     ):  # fmt: skip
         add(sub)
     return parser

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from cloud_trainer.chunk_gc import QUIET_S, _Broker, _read_retained, _release_filters, parse_release
 from cloud_trainer.errors import CloudTrainError
@@ -42,6 +42,7 @@ from edge_agent.protocol.topics import Topics
 
 Level = Literal["fleet", "group", "device"]
 FAILED_STATES = ("rejected", "rolled-back")
+RELEASE_TTL = timedelta(days=30)  # as `cloud-train push`
 
 
 class RolloutError(CloudTrainError):
@@ -221,14 +222,11 @@ class RolloutSession:
         )  # fmt: skip
 
     # -- changing ---------------------------------------------------------------------------------
-    def publish(self, release: Release, key_path: Path, *, ttl: timedelta = timedelta(days=30)) -> CurrentRelease:
+    def publish(self, release: Release, key_path: Path, *, ttl: timedelta = RELEASE_TTL) -> CurrentRelease:
         """Sign ``release`` anew (next sequence, issued now) and retain it on its target's topic."""
-        now = datetime.now(timezone.utc)
-        fresh = release.model_copy(
-            update={"sequence": next_sequence(key_path), "issued_at": now, "expires_at": now + ttl}
-        )
+        fresh, envelope = resign(release, key_path, ttl=ttl)
         topic = self.topic(fresh.target.kind, fresh.target.name)
-        self._publisher.publish(topic, sign_release(fresh, load_private_key(key_path)).to_bytes())
+        self._publisher.publish(topic, envelope)
         self._publisher.flush()
         return CurrentRelease(topic, fresh.target.kind, fresh.target.name, fresh)
 
@@ -257,6 +255,15 @@ class RolloutSession:
                 time.sleep(poll_s)
         finally:
             view.stop()
+
+
+def resign(release: Release, key_path: Path, *, ttl: timedelta = RELEASE_TTL, **changes: Any) -> tuple[Release, bytes]:
+    """``release`` with ``changes``, the key's next sequence and a fresh issue time; and its signed envelope."""
+    now = datetime.now(timezone.utc)
+    fresh = release.model_copy(
+        update={**changes, "sequence": next_sequence(key_path), "issued_at": now, "expires_at": now + ttl}
+    )
+    return fresh, sign_release(fresh, load_private_key(key_path)).to_bytes()
 
 
 def paused_path(registry_root: Path, topic: str) -> Path:

@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_agent import __version__
 
@@ -32,6 +33,10 @@ def _setup_logging(level: str) -> None:
         return
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+
+
+if TYPE_CHECKING:
+    from edge_agent.config import AgentConfig
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -53,7 +58,28 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     print(config.model_dump_json(indent=2))
     print(f"trusted release keys: {', '.join(sorted(keys))}")
     print(f"MQTT: {config.mqtt.host}:{config.mqtt.port}, {security.describe()}")
+    print(providers_report(config))
     return 0
+
+
+def providers_report(config: AgentConfig) -> str:
+    """Which of the configured execution providers this onnxruntime build has, and what it will use."""
+    from edge_agent.runtime.session import available_providers
+
+    available = available_providers()
+    wanted = config.runtime.model_providers.get(config.model, config.runtime.providers)
+    used = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+    if "CPUExecutionProvider" not in used:
+        used.append("CPUExecutionProvider")
+    missing = [p for p in wanted if p not in available]
+    lines = [
+        f"onnxruntime providers in this build: {', '.join(available)}",
+        f"model {config.model} will run on: {' > '.join(used)}",
+    ]
+    if missing:
+        lines.append(f"configured but not in this build (skipped): {', '.join(missing)}; on a Jetson install "
+                     "the onnxruntime-gpu wheel for your JetPack (docs/operations.md)")  # fmt: skip
+    return "\n".join(lines)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

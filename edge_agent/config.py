@@ -163,8 +163,17 @@ class ServingConfig(_Section):
 class RuntimeConfig(_Section):
     providers: list[str] = Field(
         default_factory=lambda: ["CPUExecutionProvider"],
-        description="onnxruntime execution providers in order of preference; unavailable ones are skipped",
+        description="onnxruntime execution providers in order of preference; unavailable ones are skipped "
+        "(a Jetson: TensorrtExecutionProvider, CUDAExecutionProvider, CPUExecutionProvider)",
     )
+    model_providers: dict[str, list[str]] = Field(
+        default_factory=dict, description="per model slot, a provider order that replaces `providers` for it"
+    )
+    trt_engine_cache: bool = Field(
+        default=True, description="keep TensorRT engines in state_dir/trt-engines/<model>/v<version>, reused at restart"
+    )
+    trt_fp16: bool = Field(default=False, description="let TensorRT run fp32 layers in fp16")
+    device_id: int = Field(default=0, ge=0, description="the GPU CUDA and TensorRT run on")
     intra_op_threads: int = Field(default=1, ge=0, description="0 lets onnxruntime choose")
     inter_op_threads: int = Field(default=1, ge=0)
     allow_spinning: bool = Field(

@@ -51,6 +51,7 @@ from edge_agent.protocol.state import UpdateState
 from edge_agent.protocol.topics import Topics
 from edge_agent.runtime import Classifier, HealthCheckError, ModelHolder, ModelLoadError, load_classifier
 from edge_agent.runtime.memory import release_freed_memory
+from edge_agent.runtime.session import CUDA, TENSORRT, provider_specs
 from edge_agent.store import ModelStore
 from edge_agent.trust import TopicRecord, TrustStore, UpdateRecord
 
@@ -124,16 +125,35 @@ def load_verified(bundle_dir: Path, config: AgentConfig) -> Classifier:
     """Verify every file of an installed bundle, load it and pass its golden vectors, or raise."""
     manifest = Manifest.read(bundle_dir)
     verify_bundle_files(bundle_dir, manifest)
+    runtime = config.runtime
     model = load_classifier(
         bundle_dir,
         manifest,
-        providers=config.runtime.providers,
+        providers=provider_specs(
+            runtime.model_providers.get(config.model, runtime.providers),
+            engine_cache=engine_cache_dir(config, manifest.version) if runtime.trt_engine_cache else None,
+            trt_fp16=runtime.trt_fp16,
+            device_id=runtime.device_id,
+        ),
         intra_op_threads=config.runtime.intra_op_threads,
         inter_op_threads=config.runtime.inter_op_threads,
         allow_spinning=config.runtime.allow_spinning,
     )
     model.health_check(atol=config.update.golden_atol)
+    on_gpu = {TENSORRT, CUDA} & set(model.session.get_providers())
+    if on_gpu and manifest.quantization == "dynamic-int8":
+        log.warning(
+            "v%s is dynamic int8: %s have no kernel for its MatMulInteger nodes, which run on the CPU; "
+            "export GPU bundles with `cloud-train export --target gpu` (fp16)",
+            manifest.version,
+            ", ".join(on_gpu),
+        )
     return model
+
+
+def engine_cache_dir(config: AgentConfig, version: int) -> Path:
+    """Where TensorRT keeps the engines of one installed version (removed with the version)."""
+    return config.state_dir / "trt-engines" / config.model / f"v{version}"
 
 
 class Updater:
@@ -597,7 +617,9 @@ class Updater:
         del model
         release_freed_memory()  # the old session, once its last request is done
         self.trust.state.previous_version = previous
-        self._store.prune(self._config.update.keep_versions, protect={v for v in (version, previous) if v})
+        removed = self._store.prune(self._config.update.keep_versions, protect={v for v in (version, previous) if v})
+        for gone in removed:
+            shutil.rmtree(engine_cache_dir(self._config, gone), ignore_errors=True)
         self._store.drop_chunks(self._chunks_of_installed())
         self._set_update(StateChange("active", version, bytes_transferred=transferred, active=version))
         log.info("version %s active (was %s); %s bytes transferred", version, previous, transferred)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from edge_agent.protocol.manifest import Manifest
 from edge_agent.runtime.classifier import Classifier, HealthCheckError, InputError, Prediction, softmax
 from edge_agent.runtime.holder import ModelHolder
 from edge_agent.runtime.image import ImageClassifier
-from edge_agent.runtime.session import ModelLoadError, choose_providers, open_session
+from edge_agent.runtime.session import ModelLoadError, ProviderSpec, choose_providers, open_session
 from edge_agent.runtime.text import TextClassifier
 
 
@@ -16,7 +17,7 @@ def load_classifier(
     bundle_dir: Path,
     manifest: Manifest,
     *,
-    providers: list[str],
+    providers: Sequence[ProviderSpec],
     intra_op_threads: int = 1,
     inter_op_threads: int = 1,
     allow_spinning: bool = False,

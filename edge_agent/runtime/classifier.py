@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_agent.protocol.manifest import Manifest, safe_relative_path
-from edge_agent.runtime.session import open_session
+from edge_agent.runtime.session import ProviderSpec, open_session
 
 Feeds = dict[str, npt.NDArray[Any]]
 
@@ -53,7 +53,7 @@ class Classifier(ABC):
         *,
         bundle_dir: Path,
         manifest: Manifest,
-        providers: list[str],
+        providers: Sequence[ProviderSpec],
         intra_op_threads: int = 1,
         inter_op_threads: int = 1,
         allow_spinning: bool = False,

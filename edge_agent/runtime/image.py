@@ -10,13 +10,15 @@ import numpy as np
 
 from edge_agent.protocol.manifest import ImagePreprocessing, Manifest
 from edge_agent.runtime.classifier import Classifier, Feeds, InputError
-from edge_agent.runtime.session import ModelLoadError
+from edge_agent.runtime.session import ModelLoadError, ProviderSpec
 
 
 class ImageClassifier(Classifier):
     """An image-classification bundle; each input is an ``H x W`` or ``H x W x C`` array of raw pixels."""
 
-    def __init__(self, *, bundle_dir: Path, manifest: Manifest, providers: list[str], **session: Any) -> None:
+    def __init__(
+        self, *, bundle_dir: Path, manifest: Manifest, providers: Sequence[ProviderSpec], **session: Any
+    ) -> None:
         pre = manifest.preprocessing
         if not isinstance(pre, ImagePreprocessing):
             raise ModelLoadError(f"bundle v{manifest.version} has {pre.kind} preprocessing, not image")

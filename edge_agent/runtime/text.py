@@ -16,7 +16,7 @@ import numpy as np
 
 from edge_agent.protocol.manifest import Manifest, TextPreprocessing, safe_relative_path
 from edge_agent.runtime.classifier import Classifier, Feeds, InputError
-from edge_agent.runtime.session import ModelLoadError
+from edge_agent.runtime.session import ModelLoadError, ProviderSpec
 
 if TYPE_CHECKING:
     from tokenizers import Encoding, Tokenizer
@@ -119,7 +119,9 @@ class TextEncoder:
 class TextClassifier(Classifier):
     """A text-classification bundle; inputs are strings."""
 
-    def __init__(self, *, bundle_dir: Path, manifest: Manifest, providers: list[str], **session: Any) -> None:
+    def __init__(
+        self, *, bundle_dir: Path, manifest: Manifest, providers: Sequence[ProviderSpec], **session: Any
+    ) -> None:
         pre = manifest.preprocessing
         if not isinstance(pre, TextPreprocessing):
             raise ModelLoadError(f"bundle v{manifest.version} has {pre.kind} preprocessing, not text")
