@@ -1,6 +1,6 @@
 """Garbage collection of retained chunks: clear the chunks that no current release needs.
 
-Bundles reach devices as retained chunks on ``{root}/{fleet}/chunks/{sha256}``
+Bundles reach devices as retained chunks on ``{chunk_root}/{fleet}/{sha256}``
 (:mod:`edge_agent.protocol.chunks`). A push replaces a release but not the chunks of the release
 it replaced, so without this module a broker grows with every version. A fleet's **live set** is
 what its current releases need: for every release retained on its fleet, group and device
@@ -218,6 +218,28 @@ def collect_garbage(
     return GcResult(releases=len(live.releases), kept=kept, removed=garbage, dry_run=dry_run)
 
 
+def clear_legacy_chunks(
+    *,
+    host: str,
+    port: int,
+    fleet: str,
+    dry_run: bool = False,
+    protocol: str = "5",
+    security: MqttSecurity | None = None,
+    topic_root: str | None = None,
+    quiet_s: float = QUIET_S,
+    timeout_s: float = TIMEOUT_S,
+) -> GcResult:
+    """Clear every chunk retained where earlier releases kept them (``{root}/{fleet}/chunks/``): once every
+    agent of the fleet fetches from the chunk root (this release on), none of them is read again."""
+    broker = _Broker(host=host, port=port, protocol=protocol, security=security, quiet_s=quiet_s, timeout_s=timeout_s)
+    topics = _topics(fleet, topic_root)
+    old = _list_chunks(broker, topics, legacy=True)
+    if old and not dry_run:
+        _clear(broker, topics, old, legacy=True)
+    return GcResult(releases=0, kept={}, removed=dict(sorted(old.items())), dry_run=dry_run)
+
+
 class SupersededChunks:
     """The automatic GC of a push: clears the chunks of the release it replaced that nothing needs any more.
 
@@ -343,9 +365,9 @@ def _read_manifests(broker: _Broker, topics: Topics, shas: Iterable[str]) -> dic
     return manifests
 
 
-def _list_chunks(broker: _Broker, topics: Topics) -> dict[str, int]:
-    """Every chunk the broker retains for the fleet: id -> bytes."""
-    prefix = f"{topics.base}/chunks/"
+def _list_chunks(broker: _Broker, topics: Topics, *, legacy: bool = False) -> dict[str, int]:
+    """Every chunk the broker retains for the fleet (``legacy``: where earlier releases kept them): id -> bytes."""
+    prefix = f"{topics.legacy_chunk_base() if legacy else topics.chunk_base}/"
     # Only retained deliveries: a chunk published while we listen belongs to a push in progress.
     sizes = _read_retained(broker, [f"{prefix}+"], keep_payloads=False, live_messages=False).sizes
     chunks, odd = {}, []
@@ -438,7 +460,7 @@ def _read_retained(
     return snapshot
 
 
-def _clear(broker: _Broker, topics: Topics, chunk_ids: Iterable[str]) -> None:
+def _clear(broker: _Broker, topics: Topics, chunk_ids: Iterable[str], *, legacy: bool = False) -> None:
     """Publish an empty retained message (QoS 1) on each chunk's topic, and wait for every PUBACK."""
     with Publisher(
         host=broker.host,
@@ -448,7 +470,7 @@ def _clear(broker: _Broker, topics: Topics, chunk_ids: Iterable[str]) -> None:
         security=broker.security,
     ) as pub:
         for sha in chunk_ids:
-            pub.publish(topics.chunk(sha), b"", retain=True)
+            pub.publish(f"{topics.legacy_chunk_base()}/{sha}" if legacy else topics.chunk(sha), b"", retain=True)
 
 
 # -- helpers --------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from cloud_trainer.cli_dashboard import add_dashboard_command
 from cloud_trainer.cli_deploy import add_connection_arguments, add_deploy_commands, connection_from_args
 from cloud_trainer.cli_evaluate import add_evaluate_command
 from cloud_trainer.cli_fleet import add_fleet_commands
+from cloud_trainer.cli_import import add_import_command
 from cloud_trainer.cli_rollout import add_rollout_commands
 from cloud_trainer.cli_samples import add_sample_commands
 from cloud_trainer.errors import BrokerError, CloudTrainError
@@ -392,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (
         _add_train, _add_export, _add_push, _add_models, _add_misc, add_deploy_commands, add_sample_commands,
         add_evaluate_command, add_chunk_commands, add_fleet_commands, add_rollout_commands,
-        add_dashboard_command,
+        add_dashboard_command, add_import_command,
     ):  # fmt: skip
         add(sub)
     return parser

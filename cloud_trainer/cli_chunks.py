@@ -33,6 +33,16 @@ def _cmd_chunks_gc(args: argparse.Namespace) -> int:
     if args.timeout <= args.quiet_period:
         raise CloudTrainError("--timeout must be longer than --quiet-period")
     conn = connection_from_args(args)
+    if args.legacy:
+        from cloud_trainer.chunk_gc import clear_legacy_chunks
+
+        old = clear_legacy_chunks(
+            host=conn.host, port=conn.port, fleet=args.fleet, dry_run=args.dry_run, protocol=args.mqtt_protocol,
+            security=conn.security, topic_root=conn.topic_root, quiet_s=args.quiet_period, timeout_s=args.timeout,
+        )  # fmt: skip
+        verb = "would remove" if old.dry_run else "removed"
+        print(f"{verb} {len(old.removed)} chunks ({_mb(old.bytes_freed)}) left in the old place (.../chunks/)")
+        return 0
     result = collect_garbage(
         host=conn.host, port=conn.port, fleet=args.fleet, dry_run=args.dry_run, protocol=args.mqtt_protocol,
         security=conn.security, topic_root=conn.topic_root, quiet_s=args.quiet_period, timeout_s=args.timeout,
@@ -59,6 +69,10 @@ def add_chunk_commands(sub: Any) -> None:
     )
     gc.add_argument("--fleet", required=True)
     gc.add_argument("--dry-run", action="store_true", help="list what would be removed; clear nothing")
+    gc.add_argument(
+        "--legacy", action="store_true",
+        help="clear the chunks earlier releases retained under {root}/{fleet}/chunks/ (once every agent is upgraded)",
+    )  # fmt: skip
     add_connection_arguments(gc)  # --broker, --mqtt-config (TLS and the cloud identity)
     gc.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], default="5", help="MQTT version")
     gc.add_argument(

@@ -35,7 +35,7 @@ from cloud_trainer.errors import CloudTrainError
 from cloud_trainer.pki import CertificateAuthority, PkiError, write_private, write_public
 from edge_agent.homeassistant import node_id
 from edge_agent.protocol.release import load_public_key
-from edge_agent.protocol.topics import DEFAULT_ROOT, Topics, check_segment
+from edge_agent.protocol.topics import DEFAULT_ROOT, Topics, check_segment, chunk_root
 
 CLOUD_IDENTITY = "edgeloop-cloud"
 COLLECTOR_IDENTITY = "edgeloop-collector"
@@ -79,7 +79,7 @@ def acl_entries(*, user: str, fleet: str, group: str | None, root: str = DEFAULT
         f"topic read {own}/releases/+",
         f"topic read {topics.device_sampling(user)}",
         f"topic read {topics.base}/releases/+",
-        f"topic read {topics.base}/chunks/+",
+        f"topic read {topics.chunk_base}/+",
         f"topic read {topics.base}/sampling/+",
     ]
     if group:
@@ -93,7 +93,7 @@ def service_acl_entries(identity: str, *, root: str = DEFAULT_ROOT) -> list[str]
     """The cloud publishes releases, chunks, sampling policy and inference requests and reads
     everything; the collector only reads samples, state, availability and telemetry (shared subscriptions)."""
     if identity == CLOUD_IDENTITY:
-        return [f"topic readwrite {root}/#"]
+        return [f"topic readwrite {root}/#", f"topic readwrite {chunk_root(root)}/#"]
     if identity.startswith(f"{VIEWER_IDENTITY}-"):  # fleet views: what devices report, and the releases
         return [
             *(f"topic read {root}/+/devices/+/{kind}" for kind in ("state", "availability", "telemetry")),

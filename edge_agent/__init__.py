@@ -11,7 +11,7 @@ Subsystems, each in its own module, meet only in :mod:`edge_agent.app` (the comp
 - :mod:`edge_agent.runtime`   onnxruntime sessions with pre/post-processing
 - :mod:`edge_agent.serving`   the local HTTP API (Open Inference Protocol), batching, metrics
 
-Nothing here imports torch, transformers, optimum or onnx (tests/test_edge_imports.py).
+Nothing here imports torch, transformers, optimum or onnx (tests/edge_agent/test_edge_imports.py).
 """
 
 __version__ = "0.1.0"

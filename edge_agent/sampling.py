@@ -2,7 +2,8 @@
 
 :meth:`Sampler.observe` runs on the request path for every prediction: it gives each one an id
 (returned to the caller, who may report the true label later), remembers the recent ones for
-feedback (within a count and a byte bound; images as compact arrays), and keeps the hard ones by
+feedback (within a count and a byte bound; images as compact arrays, or as their encoded JPEG/PNG
+bytes when they came encoded), and keeps the hard ones by
 the :class:`SamplingRules` (low confidence, small margin, high entropy, a random share) within
 per-class and overall hourly caps. Kept records go to a
 ``sink`` (the outbox writer), never to disk on the request path.
@@ -26,8 +27,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edge_agent.protocol.samples import Reason, SampleRecord, SamplingRules
+from edge_agent.protocol.samples import MAX_IMAGE_DATA_CHARS, Reason, SampleRecord, SamplingRules
 from edge_agent.runtime import Prediction
+from edge_agent.runtime.imagecodec import DecodedImage, compact_copy, data_url
 
 HOUR_S = 3600.0
 ENTRY_OVERHEAD_BYTES = 640
@@ -106,16 +108,47 @@ def _smallest(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
 
 
 @dataclass(frozen=True, slots=True)
+class _Encoded:
+    """An image that came encoded (JPEG, PNG), held as encoded bytes: its own if they are small enough
+    to travel in a sample record, else the model-sized pixels re-encoded (:func:`compact_copy`)."""
+
+    data: bytes
+    mime: str
+
+    @classmethod
+    def of(cls, image: DecodedImage) -> _Encoded:
+        data, mime = compact_copy(image, max_bytes=SAMPLE_IMAGE_BYTES)
+        return cls(data, mime)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+    def data_url(self) -> str:
+        return data_url(self.data, self.mime)
+
+
+SAMPLE_IMAGE_BYTES = (MAX_IMAGE_DATA_CHARS // 4) * 3
+"""An encoded image kept as it came when it has at most this many bytes (its base64 fits a record)."""
+
+
+@dataclass(frozen=True, slots=True)
 class _Seen:
-    input: str | _Pixels
+    input: str | _Pixels | _Encoded
     prediction: Prediction
     version: int
     size: int  # accounted bytes
 
     @classmethod
     def of(cls, item: Any, prediction: Prediction, version: int, *, text: bool) -> _Seen:
-        held = _Pixels.of(item) if not text else item
-        size = held.nbytes if isinstance(held, _Pixels) else sys.getsizeof(held)
+        held: str | _Pixels | _Encoded
+        if text:
+            held = item
+        elif isinstance(item, DecodedImage):
+            held = _Encoded.of(item)
+        else:
+            held = _Pixels.of(item)
+        size = sys.getsizeof(held) if isinstance(held, str) else held.nbytes
         return cls(held, prediction, version, size + ENTRY_OVERHEAD_BYTES + SCORE_BYTES * len(prediction.scores))
 
 
@@ -295,11 +328,19 @@ class Sampler:
             model=self._model,
             version=seen.version,
             created_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            text=None if isinstance(seen.input, _Pixels) else seen.input,
-            image=seen.input.tolist() if isinstance(seen.input, _Pixels) else None,
+            text=seen.input if isinstance(seen.input, str) else None,
+            image=_image_record(seen.input),
             predicted=p.label,
             score=p.score,
             scores=p.scores,
             reasons=reasons,
             label=label,
         )
+
+
+def _image_record(held: str | _Pixels | _Encoded) -> list[Any] | str | None:
+    if isinstance(held, _Pixels):
+        return held.tolist()
+    if isinstance(held, _Encoded):
+        return held.data_url()
+    return None

@@ -66,7 +66,10 @@ class TelemetryPublisher:
             self._thread.start()
 
     def stop(self) -> None:
+        """Stop publishing; returns once the thread has ended (a publish under way finishes first)."""
         self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
 
     def snapshot(self) -> Telemetry:
         cpu, wall = self._cpu_seconds(), time.monotonic()

@@ -17,12 +17,39 @@ import queue
 import threading
 from collections.abc import Callable
 from datetime import datetime, timezone
+from typing import Protocol
 
 from edge_agent.outbox import Outbox, OutboxItem
 from edge_agent.protocol.samples import MAX_BATCH_BYTES, SampleBatch, SampleRecord
-from edge_agent.transport import MqttTransport, TransportError
+from edge_agent.transport import TransportError
 
 log = logging.getLogger(__name__)
+
+
+class PublishReceipt(Protocol):
+    """What :meth:`UploadTransport.publish` returns (paho's ``MQTTMessageInfo`` is one)."""
+
+    @property
+    def mid(self) -> int: ...
+
+    def wait_for_publish(self, timeout: float | None = None) -> None: ...
+
+    def is_published(self) -> bool: ...
+
+
+class UploadTransport(Protocol):
+    """The part of :class:`~edge_agent.transport.MqttTransport` the uploader uses; tests pass a fake."""
+
+    @property
+    def connected(self) -> threading.Event: ...
+
+    def on_connected(self, hook: Callable[[], None]) -> None: ...
+
+    def max_payload(self, topic: str, default: int) -> int: ...
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1) -> PublishReceipt: ...
+
+    def refusal(self, mid: int) -> str | None: ...
 
 
 class SampleWriter:
@@ -98,7 +125,7 @@ class SampleUploader:
 
     Args:
         outbox: the durable queue.
-        transport: the agent's MQTT connection.
+        transport: the agent's MQTT connection (an :class:`UploadTransport`).
         topic: ``.../devices/{device}/samples``.
         device, fleet: written into each batch.
         batch_records: records per message at most (fewer when the compressed size needs it).
@@ -111,7 +138,7 @@ class SampleUploader:
         self,
         *,
         outbox: Outbox,
-        transport: MqttTransport,
+        transport: UploadTransport,
         topic: str,
         device: str,
         fleet: str,

@@ -21,6 +21,7 @@ class HealthWatch:
         max_error_rate: the share of failed requests that triggers a rollback.
         min_requests: how many requests must be seen before judging.
         on_breach: called with ``(version, reason)`` on a new thread.
+        clock: seconds, monotonic (tests pass their own).
     """
 
     def __init__(
@@ -30,11 +31,13 @@ class HealthWatch:
         max_error_rate: float,
         min_requests: int,
         on_breach: Callable[[int, str], None],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._window_s = window_s
         self._max_error_rate = max_error_rate
         self._min_requests = min_requests
         self._on_breach = on_breach
+        self._clock = clock
         self._lock = threading.Lock()
         self._version: int | None = None
         self._until = 0.0
@@ -43,11 +46,11 @@ class HealthWatch:
     def watch(self, version: int) -> None:
         """Start watching ``version`` (just activated)."""
         with self._lock:
-            self._version, self._until, self._ok, self._failed = version, time.monotonic() + self._window_s, 0, 0
+            self._version, self._until, self._ok, self._failed = version, self._clock() + self._window_s, 0, 0
 
     def record(self, version: int, ok: bool) -> None:
         with self._lock:
-            if version != self._version or time.monotonic() > self._until:
+            if version != self._version or self._clock() > self._until:
                 return
             if ok:
                 self._ok += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -19,8 +20,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from cloud_trainer.localbroker import LocalBroker, free_port, start_local_broker
+from cloud_trainer.localbroker import LocalBroker
 from cloud_trainer.signing import generate_keypair
+from tests.ports import start_mosquitto
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -30,9 +32,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 @pytest.fixture(scope="session")
 def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
     """A real Mosquitto on a free port, owned by this test session."""
-    broker = start_local_broker(prefer="mosquitto", workdir=tmp_path_factory.mktemp("mosquitto"))
-    yield broker
-    broker.stop()
+    broker = start_mosquitto(workdir=tmp_path_factory.mktemp("mosquitto"))
+    try:
+        yield broker
+    finally:
+        broker.stop()
 
 
 @dataclass(frozen=True)
@@ -135,8 +139,10 @@ def state_listener(mosquitto: LocalBroker, fleet: str) -> Iterator[StateListener
     from edge_agent.protocol import Topics
 
     listener = StateListener(mosquitto, Topics(fleet=fleet).device_state("dev-1"))
-    yield listener
-    listener.close()
+    try:
+        yield listener
+    finally:
+        listener.close()
 
 
 def http_json(port: int, method: str, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
@@ -149,34 +155,60 @@ def http_json(port: int, method: str, path: str, body: Any = None, raw: bytes | 
     return response.status, json.loads(data) if data else None
 
 
+SERVING_ON = re.compile(rb"serving on http://[^\s:]+:(\d+) ")
+"""the line ``edge-agent run`` logs once it serves; it names the port the agent bound"""
+
+
 @dataclass
 class AgentProcess:
-    """``edge-agent run`` as a separate process, as systemd would run it."""
+    """``edge-agent run`` as a separate process, as systemd would run it.
+
+    Give its config ``[http] port = 0``: the agent binds a port of its own and :meth:`start` reads it
+    from the log into :attr:`http_port` (again at every start), so no other process can take it first.
+    """
 
     config_path: Path
-    http_port: int
     log_path: Path
+    http_port: int = 0
     process: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> AgentProcess:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "edge_agent", "run", "--config", str(self.config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **self.env},
-        )
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "edge_agent", "run", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env},
+            )
+        try:
+            self._wait_serving(offset)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_serving(self, offset: int) -> None:
+        assert self.process is not None
         deadline = time.monotonic() + 30
+        port = None
         while time.monotonic() < deadline:
             assert self.process.poll() is None, f"agent exited early:\n{self.log()}"
-            try:
-                status, _ = http_json(self.http_port, "GET", "/v2/health/live")
-                if status == 200:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.1)
+            if port is None:
+                with self.log_path.open("rb") as log:
+                    log.seek(offset)
+                    found = SERVING_ON.search(log.read())
+                port = int(found.group(1)) if found else None
+            if port is not None:
+                self.http_port = port
+                try:
+                    status, _ = http_json(port, "GET", "/v2/health/live")
+                    if status == 200:
+                        return
+                except OSError:
+                    pass
+            time.sleep(0.05)
         raise AssertionError(f"agent did not start:\n{self.log()}")
 
     def wait_version(self, version: int, timeout_s: float = 60.0) -> None:
@@ -206,6 +238,24 @@ class AgentProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
 
+    def wait_log(self, pattern: str, *, count: int = 1, timeout_s: float = 60.0) -> list[str]:
+        """Wait until the agent's log has ``count`` lines matching the regex ``pattern``; return them all.
+
+        A log line the agent writes when it decides *not* to act is how a test sees that nothing
+        happened, without sleeping and hoping.
+        """
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            lines = [line for line in self.log_path.read_text(errors="replace").splitlines() if regex.search(line)]
+            if len(lines) >= count:
+                return lines
+            assert time.monotonic() < deadline, (
+                f"{count} log lines matching {pattern!r} not within {timeout_s:g}s:\n{self.log()}"
+            )
+            assert self.process is not None and self.process.poll() is None, f"agent died:\n{self.log()}"
+            time.sleep(0.05)
+
 
 @pytest.fixture
 def agent_process(
@@ -222,7 +272,6 @@ def agent_process(
         **update: Any,
     ) -> AgentProcess:
         """``update`` sets ``[update]`` keys; ``extra_toml`` adds whole sections (``[sampling]``...)."""
-        port = free_port()
         config = tmp_path / "agent.toml"
         config.write_text(
             agent_toml(
@@ -230,20 +279,21 @@ def agent_process(
                 broker=broker or mosquitto,
                 fleet=fleet,
                 public_key=keys.public,
-                http_port=port,
                 group=group,
                 **update,
             )
             + extra_toml
         )
-        agent = AgentProcess(config_path=config, http_port=port, log_path=tmp_path / "agent.log", env=env or {})
-        agent.start()
-        started.append(agent)
-        return agent
+        agent = AgentProcess(config_path=config, log_path=tmp_path / "agent.log", env=env or {})
+        started.append(agent)  # stopped at teardown even if it fails to start
+        return agent.start()
 
-    yield make
-    for agent in started:
-        agent.stop()
+    try:
+        yield make
+    finally:
+        for agent in started:
+            if agent.process is not None:
+                agent.stop()
 
 
 @pytest.fixture

@@ -13,7 +13,16 @@ import json
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from edge_agent.protocol.errors import IntegrityError, MalformedPayload, UnsafePath
 
@@ -97,7 +106,11 @@ class TextPreprocessing(_Frozen):
 
 
 class ImagePreprocessing(_Frozen):
-    """Numeric image input: ``(pixels * scale - mean) / std`` per channel, laid out as the model wants."""
+    """Image input: an encoded image (JPEG, PNG) is decoded, converted to ``channels`` (1: grayscale,
+    3: RGB), scaled so its shorter side is ``resize`` and center-cropped to ``height x width`` (or,
+    without ``resize``, scaled straight to ``height x width``); raw pixel arrays come at that size
+    already. Then ``(pixels * scale - mean) / std`` per channel, in ``channel_order``, laid out as the
+    model wants. Sizes and crop offsets are torchvision's (``Resize(resize)``, ``CenterCrop``)."""
 
     kind: Literal["image"] = "image"
     height: int = Field(gt=0, le=8192)
@@ -107,6 +120,19 @@ class ImagePreprocessing(_Frozen):
     scale: float = Field(default=1.0, description="multiplies raw pixel values first (e.g. 1/255)")
     mean: list[float] = Field(description="one per channel, subtracted after scaling")
     std: list[float] = Field(description="one per channel, divides after the mean")
+    resize: int | None = Field(
+        default=None,
+        gt=0,
+        le=16384,
+        description="encoded images: the shorter side is scaled to this before the center crop to height x width; "
+        "null: scaled straight to height x width",
+    )
+    resample: Literal["bilinear", "bicubic", "nearest"] = Field(
+        default="bilinear", description="encoded images: the resampling filter (Pillow's, with antialiasing)"
+    )
+    channel_order: Literal["RGB", "BGR"] = Field(
+        default="RGB", description="3 channels: the order the model takes them in (inputs are RGB)"
+    )
 
     @model_validator(mode="after")
     def _per_channel(self) -> ImagePreprocessing:
@@ -114,7 +140,24 @@ class ImagePreprocessing(_Frozen):
             raise ValueError("mean and std need one value per channel")
         if any(s == 0 for s in self.std):
             raise ValueError("std must not be zero")
+        if self.resize is not None and self.resize < max(self.height, self.width):
+            raise ValueError(f"resize {self.resize} is smaller than the {self.height}x{self.width} crop")
+        if self.channel_order == "BGR" and self.channels != 3:
+            raise ValueError("channel_order BGR needs 3 channels")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_new_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Fields added for encoded images are left out at their defaults, so a bundle that does not
+        use them (digits) stays readable by agents from before they existed."""
+        data: dict[str, Any] = handler(self)
+        for name, default in _IMAGE_DEFAULTS.items():
+            if data.get(name, default) == default:
+                data.pop(name, None)
+        return data
+
+
+_IMAGE_DEFAULTS: dict[str, Any] = {"resize": None, "resample": "bilinear", "channel_order": "RGB"}
 
 
 Preprocessing = Annotated[TextPreprocessing | ImagePreprocessing, Field(discriminator="kind")]

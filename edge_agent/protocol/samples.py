@@ -49,6 +49,10 @@ MAX_IMAGE_VALUES = MAX_RECORD_BYTES // 2
 """An image input's numbers at most (each takes at least two bytes, ``0,``, of the record's JSON)."""
 MAX_IMAGE_DEPTH = 4
 """An image is nested lists of numbers at most this deep (height, width, channels, and one more)."""
+IMAGE_DATA_URL = r"^data:image/(png|jpeg);base64,[A-Za-z0-9+/]*={0,2}$"
+"""An image that came encoded travels as its bytes in a ``data:`` URL (JPEG or PNG), not as numbers."""
+MAX_IMAGE_DATA_CHARS = MAX_RECORD_BYTES - 8 * 1024
+"""An encoded image's ``data:`` URL at most (room is left for the rest of the record)."""
 MAX_SCORES = MAX_RECORD_BYTES // 8
 """Classes in ``scores`` at most (each takes at least eight bytes, ``"a":0.0,``, of the record's JSON)."""
 MAX_VERSION = 2**31 - 1
@@ -71,6 +75,7 @@ Label = Annotated[str, Field(pattern=LABEL)]
 Probability = Annotated[float, Field(ge=0, le=1)]
 
 _TIMESTAMP = re.compile(TIMESTAMP, re.ASCII)
+_IMAGE_DATA_URL = re.compile(IMAGE_DATA_URL, re.ASCII)
 
 
 def utc_timestamp(value: str, *, now: datetime | None = None) -> str:
@@ -165,10 +170,11 @@ class SampleRecord(BaseModel):
         description=f"the input of a text model (at most {MAX_TEXT_CHARS} characters on the wire)",
         json_schema_extra={"maxLength": MAX_TEXT_CHARS},
     )
-    image: list[Any] | None = Field(
+    image: list[Any] | str | None = Field(
         default=None,
         description=f"the input of an image model: nested lists (at most {MAX_IMAGE_DEPTH} deep) of finite "
-        f"numbers (at most {MAX_IMAGE_VALUES} on the wire)",
+        f"numbers (at most {MAX_IMAGE_VALUES} on the wire), or, for an image that came encoded, its JPEG or "
+        f"PNG bytes as a data:image/png;base64,... URL (at most {MAX_IMAGE_DATA_CHARS} characters on the wire)",
     )
     predicted: Label = Field(description="the label the model gave")
     score: Probability = Field(description="the model's score for the predicted label, 0..1")
@@ -187,7 +193,11 @@ class SampleRecord(BaseModel):
 
     @field_validator("image")
     @classmethod
-    def _numbers(cls, value: list[Any] | None) -> list[Any] | None:
+    def _numbers(cls, value: list[Any] | str | None) -> list[Any] | str | None:
+        if isinstance(value, str):
+            if _IMAGE_DATA_URL.fullmatch(value) is None:
+                raise ValueError("image as a string must be a data:image/png;base64,... or image/jpeg URL")
+            return value
         problem = None if value is None else _image_problem(value)
         if problem is not None:
             raise ValueError(f"image {problem}")
@@ -216,7 +226,9 @@ class SampleRecord(BaseModel):
         """
         if self.text is not None and len(self.text) > MAX_TEXT_CHARS:
             return f"text has {len(self.text)} characters; at most {MAX_TEXT_CHARS}"
-        if self.image is not None and (count := _count_values(self.image)) > MAX_IMAGE_VALUES:
+        if isinstance(self.image, str) and len(self.image) > MAX_IMAGE_DATA_CHARS:
+            return f"image has {len(self.image)} characters of data URL; at most {MAX_IMAGE_DATA_CHARS}"
+        if isinstance(self.image, list) and (count := _count_values(self.image)) > MAX_IMAGE_VALUES:
             return f"image has {count} numbers; at most {MAX_IMAGE_VALUES}"
         if len(self.scores) > MAX_SCORES:
             return f"scores has {len(self.scores)} classes; at most {MAX_SCORES}"

@@ -5,7 +5,6 @@ Layout (``{root}`` is ``edgeloop/v1`` unless configured)::
     {root}/{fleet}/releases/{model}                          retained signed release, whole fleet
     {root}/{fleet}/groups/{group}/releases/{model}           retained signed release, one group
     {root}/{fleet}/devices/{device}/releases/{model}         retained signed release, one device
-    {root}/{fleet}/chunks/{sha256}                           retained artifact chunk, content-addressed
     {root}/{fleet}/devices/{device}/state                    retained reported state (survives a crash)
     {root}/{fleet}/devices/{device}/availability             retained online/offline (and the last will)
     {root}/{fleet}/devices/{device}/telemetry                periodic telemetry
@@ -16,6 +15,13 @@ Layout (``{root}`` is ``edgeloop/v1`` unless configured)::
     {root}/{fleet}/devices/{device}/samples                  sample batches for retraining (QoS 1, gzip JSON)
     {root}/{fleet}/sampling/{model}                          retained sampling policy, whole fleet
     {root}/{fleet}/devices/{device}/sampling                 retained sampling policy, one device (wins)
+
+and, under a root of their own, so that a dashboard subscribed to ``{root}/#`` (or MQTT Explorer to
+``edgeloop/#``) never pulls model bytes::
+
+    {chunk_root}/{fleet}/{sha256}                            retained artifact chunk, content-addressed
+
+``{chunk_root}`` is the root with ``-chunks`` after its first level: ``edgeloop-chunks/v1``.
 
 A device reads only its fleet's releases and chunks and writes only under its own device topic,
 which is what the broker ACLs (deployment) enforce.
@@ -41,6 +47,12 @@ def check_segment(kind: str, value: str) -> str:
     return value
 
 
+def chunk_root(root: str) -> str:
+    """The root of the chunk topics: ``root`` with ``-chunks`` after its first level."""
+    first, _, rest = root.partition("/")
+    return f"{first}-chunks/{rest}" if rest else f"{first}-chunks"
+
+
 @dataclass(frozen=True, kw_only=True)
 class Topics:
     """Topic builder for one fleet.
@@ -60,6 +72,15 @@ class Topics:
     def base(self) -> str:
         return f"{self.root}/{self.fleet}"
 
+    @property
+    def chunk_base(self) -> str:
+        """Where the fleet's chunks are retained: outside ``{root}/``, see the module's docstring."""
+        return f"{chunk_root(self.root)}/{self.fleet}"
+
+    def legacy_chunk_base(self) -> str:
+        """Where earlier releases retained chunks (``cloud-train chunks gc --legacy`` clears them)."""
+        return f"{self.base}/chunks"
+
     def fleet_release(self, model: str) -> str:
         return f"{self.base}/releases/{check_segment('model', model)}"
 
@@ -72,7 +93,7 @@ class Topics:
     def chunk(self, sha256: str) -> str:
         if not re.fullmatch(r"[0-9a-f]{64}", sha256):
             raise ValueError(f"chunk id {sha256!r} is not a lowercase hex sha256")
-        return f"{self.base}/chunks/{sha256}"
+        return f"{self.chunk_base}/{sha256}"
 
     def device_state(self, device: str) -> str:
         return f"{self.base}/devices/{check_segment('device', device)}/state"

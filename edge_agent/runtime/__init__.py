@@ -9,6 +9,7 @@ from edge_agent.protocol.manifest import Manifest
 from edge_agent.runtime.classifier import Classifier, HealthCheckError, InputError, Prediction, softmax
 from edge_agent.runtime.holder import ModelHolder
 from edge_agent.runtime.image import ImageClassifier
+from edge_agent.runtime.imagecodec import DecodedImage, ImageDecodeError
 from edge_agent.runtime.session import ModelLoadError, ProviderSpec, choose_providers, open_session
 from edge_agent.runtime.text import TextClassifier
 
@@ -23,7 +24,11 @@ def load_classifier(
     allow_spinning: bool = False,
 ) -> Classifier:
     """The classifier for the bundle's task."""
-    kind = {"text-classification": TextClassifier, "image-classification": ImageClassifier}[manifest.task]
+    kinds: dict[str, type[Classifier]] = {
+        "text-classification": TextClassifier,
+        "image-classification": ImageClassifier,
+    }
+    kind = kinds[manifest.task]
     return kind(
         bundle_dir=bundle_dir,
         manifest=manifest,
@@ -36,8 +41,10 @@ def load_classifier(
 
 __all__ = [
     "Classifier",
+    "DecodedImage",
     "HealthCheckError",
     "ImageClassifier",
+    "ImageDecodeError",
     "InputError",
     "ModelHolder",
     "ModelLoadError",

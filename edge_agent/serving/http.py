@@ -7,7 +7,8 @@
     GET  /v2/models/{name}/config             Triton model configuration
     GET  /v2/models[/{name}]/stats            Triton inference statistics
     POST /v2/models/{name}[/versions/{v}]/infer   inference (JSON or binary tensor extension)
-    POST /v1/predict                          {"texts": [...]} or {"images": [...]} -> labels, scores, ids
+    POST /v1/predict                          {"texts": [...]} or {"images": [...]} (pixel arrays, or base64
+                                              JPEG/PNG; or multipart/form-data), "top_k" -> labels, scores, ids
     POST /v1/feedback                         {"id": "<prediction id>", "label": "<true label>"} (or a list)
     GET  /v1/model                            the active model, its metrics
     GET  /metrics                             Prometheus exposition
@@ -370,16 +371,17 @@ class InferenceServer:
 
     async def _predict(self, request: Request) -> Response:
         model = self.service.model()
-        inputs = self.service.parse_predict(decode_body(request, self.config.max_body_bytes), model)
+        body = decode_body(request, self.config.max_body_bytes)
+        parsed = self.service.parse_predict(body, model, content_type=request.headers.get("content-type"))
         start = time.perf_counter()
-        version, predictions = await self.service.infer(inputs)
+        version, predictions = await self.service.infer(parsed.inputs)
         elapsed_ms = round((time.perf_counter() - start) * 1000, 3)
-        ids = self.service.observe_after_reply(inputs, version, predictions, model.manifest.task)
+        ids = self.service.observe_after_reply(parsed.inputs, version, predictions, model.manifest.task)
         return Response(HTTPStatus.OK, {
             "model": self.model_name,
             "version": version,
             "inference_ms": elapsed_ms,
-            "predictions": prediction_dicts(predictions, ids),
+            "predictions": prediction_dicts(predictions, ids, top_k=parsed.top_k),
         })  # fmt: skip
 
     def _feedback(self, request: Request) -> Response:
@@ -408,9 +410,9 @@ class InferenceServer:
             )  # fmt: skip
         except kserve.ProtocolViolation as exc:
             raise RequestError(exc.status, str(exc)) from None
-        self.service.check_inputs(decoded.inputs, model)
-        version, predictions = await self.service.infer(decoded.inputs)
-        self.service.observe_after_reply(decoded.inputs, version, predictions, model.manifest.task)
+        inputs = self.service.check_inputs(decoded.inputs, model)
+        version, predictions = await self.service.infer(inputs)
+        self.service.observe_after_reply(inputs, version, predictions, model.manifest.task)
         payload, headers = kserve.encode_response(
             decoded, predictions, model=self.model_name, version=version, labels=model.labels
         )

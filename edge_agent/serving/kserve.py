@@ -1,9 +1,10 @@
 """The Open Inference Protocol (KServe v2, as spoken by Triton and MLServer): infer request and
 response codecs, JSON and the binary tensor extension, so ``tritonclient.http`` and ``curl`` work.
 
-A text model takes one input ``text`` (BYTES, shape ``[N]``); an image model one input ``image``
-(FP32 or another numeric type, shape ``[N, H, W]`` or ``[N, H, W, C]``). Both answer ``label``
-(BYTES ``[N]``) and ``probabilities`` (FP32 ``[N, C]``).
+A text model takes one input ``text`` (BYTES, shape ``[N]``); an image model one input ``image``:
+raw pixels (FP32 or another numeric type, shape ``[N, H, W]`` or ``[N, H, W, C]``), or encoded
+JPEG/PNG images (BYTES, shape ``[N]``: raw bytes in the binary extension, base64 strings in JSON).
+Both answer ``label`` (BYTES ``[N]``) and ``probabilities`` (FP32 ``[N, C]``).
 """
 
 from __future__ import annotations
@@ -222,7 +223,25 @@ def _decode_tensor(
     size = (tensor.get("parameters") or {}).get("binary_data_size")
     if spec["datatype"] == "BYTES":
         return _decode_texts(tensor, binary, shape, count, size)
+    if tensor.get("datatype") == "BYTES":
+        return _decode_encoded_images(tensor, binary, shape, count, size)
     return _decode_numeric(tensor, binary, spec, shape, count=count, size=size)
+
+
+def _decode_encoded_images(
+    tensor: dict[str, Any], binary: bytes, shape: list[int], count: int, size: int | None
+) -> list[Any]:
+    """An image model's input as BYTES ``[N]`` (or ``[N, 1]``): each element one JPEG or PNG, raw in
+    the binary extension, base64 (or a ``data:`` URL) in JSON. Decoded later, by the model's rules."""
+    name = tensor["name"]
+    if len(shape) > 2 or (len(shape) == 2 and shape[1] != 1):
+        raise ProtocolViolation(f"input {name!r}: encoded images take shape [N] or [N, 1], got {shape}")
+    items = _bytes_elements(binary[:size], count) if size is not None else tensor.get("data")
+    if not isinstance(items, list) or len(items) != count:
+        raise ProtocolViolation(f"input {name!r}: shape {shape} needs {count} elements")
+    if size is None and not all(isinstance(i, str) for i in items):
+        raise ProtocolViolation(f"input {name!r}: BYTES images in JSON must be base64 strings")
+    return items
 
 
 def _decode_texts(tensor: dict[str, Any], binary: bytes, shape: list[int], count: int, size: int | None) -> list[Any]:

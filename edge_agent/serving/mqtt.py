@@ -58,11 +58,13 @@ class MqttInference:
         start = time.perf_counter()
         service = self._service
 
+        top_k: int | None = None
+
         def reply(status: HTTPStatus, *, version: int | None = None, predictions: list[Prediction] | None = None,
                   error: str | None = None, ids: list[str] | None = None) -> None:  # fmt: skip
             body = InferenceReply(
                 status=int(status), model=service.model_name, version=version, error=error,
-                predictions=prediction_dicts(predictions or [], ids),
+                predictions=prediction_dicts(predictions or [], ids, top_k=top_k),
             )  # fmt: skip
             try:
                 self._transport.publish_response(
@@ -75,7 +77,8 @@ class MqttInference:
 
         try:
             model = service.model()
-            inputs = service.parse_predict(payload, model)
+            parsed = service.parse_predict(payload, model)
+            inputs, top_k = parsed.inputs, parsed.top_k
             future = service.submit(inputs)
         except RequestError as exc:  # the caller's input, or overload: answered, never counted
             reply(exc.status, error=str(exc))

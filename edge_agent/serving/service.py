@@ -20,11 +20,14 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
+from email.message import Message
+from email.parser import BytesParser
 from http import HTTPStatus
 from typing import Any
 
 from edge_agent.config import HttpConfig, ServingConfig
-from edge_agent.runtime import Classifier, InputError, ModelHolder, Prediction
+from edge_agent.runtime import Classifier, ImageClassifier, InputError, ModelHolder, Prediction
 from edge_agent.sampling import Sampler, prediction_ids
 from edge_agent.serving.batcher import Batcher, ModelFailure, NoModel, Overloaded
 from edge_agent.serving.kserve import InferenceStats
@@ -53,6 +56,29 @@ def loads_json(data: bytes, what: str = "body") -> Any:
         raise RequestError(HTTPStatus.BAD_REQUEST, f"{what} is JSON nested too deep") from None
 
 
+def multipart_images(body: bytes, content_type: str) -> dict[str, Any]:
+    """A ``multipart/form-data`` body as ``{"images": [bytes, ...], "top_k": ...}``: every part with a
+    file name, or named ``image`` or ``images``, is an image (in order); a part named ``top_k`` is that."""
+    if "boundary=" not in content_type.lower():
+        raise RequestError(HTTPStatus.BAD_REQUEST, "multipart Content-Type has no boundary")
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1", "replace")
+    message = BytesParser().parsebytes(head + body)
+    if not message.is_multipart() or message.defects:
+        raise RequestError(HTTPStatus.BAD_REQUEST, "body is not valid multipart/form-data")
+    images: list[bytes] = []
+    form: dict[str, Any] = {"images": images}
+    for part in message.get_payload():
+        assert isinstance(part, Message)
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        content = payload if isinstance(payload, bytes) else b""
+        if part.get_filename() is not None or name in ("image", "images"):
+            images.append(content)
+        elif name == "top_k":
+            form["top_k"] = content.decode("ascii", "replace").strip()
+    return form
+
+
 def encodable(text: str) -> bool:
     """Whether ``text`` is valid Unicode (a JSON "\\ud800" escape decodes to a lone surrogate)."""
     try:
@@ -76,20 +102,51 @@ def check_texts(texts: list[Any], config: HttpConfig) -> None:
             raise RequestError(HTTPStatus.BAD_REQUEST, f"texts[{index}] is not valid Unicode (a lone surrogate?)")
 
 
-def check_images(images: list[Any], model: Classifier) -> None:
-    """Finite numeric arrays of the model's shape, else a 400: decided before a batch is formed,
-    so one bad request never reaches onnxruntime beside another."""
+def check_images(images: list[Any], model: Classifier) -> list[Any]:
+    """Encoded images decoded, and everything of the model's shape and finite, else a 400: decided
+    before a batch is formed, so one bad request never reaches onnxruntime beside another. Returns
+    the inputs with each encoded image decoded once (:meth:`ImageClassifier.prepare`)."""
     try:
-        model.feeds(images)
+        prepared: list[Any] = model.prepare(images) if isinstance(model, ImageClassifier) else images
+        model.feeds(prepared)
     except InputError as exc:
         raise RequestError(HTTPStatus.BAD_REQUEST, str(exc)) from None
     except (TypeError, ValueError, OverflowError) as exc:
         raise RequestError(HTTPStatus.BAD_REQUEST, f"images are not numeric arrays: {exc}") from None
+    return prepared
 
 
-def prediction_dicts(predictions: list[Prediction], ids: list[str] | None) -> list[dict[str, Any]]:
-    """Predictions as JSON objects; each with its ``id`` when the sampler gave one (feedback names it)."""
-    out: list[dict[str, Any]] = [{"label": p.label, "score": p.score, "scores": p.scores} for p in predictions]
+@dataclass(frozen=True)
+class PredictRequest:
+    """A validated ``/v1/predict`` body: the inputs (encoded images decoded) and how many scores to return."""
+
+    inputs: list[Any]
+    top_k: int | None = None
+
+
+def parse_top_k(value: Any, classes: int) -> int | None:
+    """``top_k``: absent or null (every score), or an integer from 1 to the number of classes."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.isdigit():  # a multipart form field
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= classes:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f'"top_k" must be an integer from 1 to {classes}')
+    return value
+
+
+def prediction_dicts(
+    predictions: list[Prediction], ids: list[str] | None, *, top_k: int | None = None
+) -> list[dict[str, Any]]:
+    """Predictions as JSON objects; each with its ``id`` when the sampler gave one (feedback names it).
+
+    With ``top_k``, ``scores`` holds only the ``top_k`` best labels, best first."""
+    out: list[dict[str, Any]] = []
+    for p in predictions:
+        scores = p.scores
+        if top_k is not None:
+            scores = dict(sorted(scores.items(), key=lambda item: -item[1])[:top_k])
+        out.append({"label": p.label, "score": p.score, "scores": scores})
     for item, prediction_id in zip(out, ids or [], strict=False):
         item["id"] = prediction_id
     return out
@@ -151,27 +208,40 @@ class InferenceService:
             raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, "no verified model is active yet")
         return model
 
-    def parse_predict(self, body: bytes, model: Classifier) -> list[Any]:
-        """Validate a ``/v1/predict`` body (``{"texts": [...]}`` or ``{"images": [...]}``) for ``model``."""
+    def parse_predict(self, body: bytes, model: Classifier, *, content_type: str | None = None) -> PredictRequest:
+        """Validate a ``/v1/predict`` body for ``model``: JSON ``{"texts": [...]}`` or ``{"images": [...]}``
+        (each image a raw pixel array or a base64 JPEG/PNG), with an optional ``"top_k"``; or, for an
+        image model, ``multipart/form-data`` whose file parts are the images (and a ``top_k`` field)."""
         if len(body) > self.limits.max_body_bytes:
             raise RequestError(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 f"request of {len(body)} bytes; the limit is {self.limits.max_body_bytes}",
             )
-        data = loads_json(body)
         task = model.manifest.task
         key = "images" if task == "image-classification" else "texts"
+        if content_type is not None and content_type.lower().startswith("multipart/"):
+            if key != "images":
+                raise RequestError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "multipart bodies are for image models")
+            data: Any = multipart_images(body, content_type)
+        else:
+            data = loads_json(body)
         if not isinstance(data, dict) or key not in data:
             raise RequestError(HTTPStatus.BAD_REQUEST, f'body must be a JSON object with a "{key}" list')
         items = data[key]
-        kind = "strings" if key == "texts" else "pixel arrays"
-        if not isinstance(items, list) or (key == "texts" and not all(isinstance(t, str) for t in items)):
+        if key == "texts":
+            valid = isinstance(items, list) and all(isinstance(t, str) for t in items)
+            kind = "strings"
+        else:
+            valid = isinstance(items, list) and all(isinstance(i, (list, str, bytes)) for i in items)
+            kind = "pixel arrays or base64 JPEG/PNG strings"
+        if not valid:
             raise RequestError(HTTPStatus.BAD_REQUEST, f'"{key}" must be a list of {kind}')
-        self.check_inputs(items, model)
-        return items
+        top_k = parse_top_k(data.get("top_k"), len(model.labels))
+        return PredictRequest(self.check_inputs(items, model), top_k)
 
-    def check_inputs(self, items: list[Any], model: Classifier) -> None:
-        """What every front end's inputs must pass before a batch: not empty, not too many, valid."""
+    def check_inputs(self, items: list[Any], model: Classifier) -> list[Any]:
+        """What every front end's inputs must pass before a batch: not empty, not too many, valid.
+        Returns the inputs to run (encoded images decoded)."""
         noun = "images" if model.manifest.task == "image-classification" else "texts"
         if not items:
             raise RequestError(HTTPStatus.BAD_REQUEST, f'"{noun}" is empty: nothing to classify')
@@ -181,9 +251,9 @@ class InferenceService:
                 f"{len(items)} {noun} in one request; the limit is {self.limits.max_texts}",
             )
         if model.manifest.task == "image-classification":
-            check_images(items, model)
-        else:
-            check_texts(items, self.limits)
+            return check_images(items, model)
+        check_texts(items, self.limits)
+        return items
 
     # -- running ----------------------------------------------------------------------------------
     def submit(self, inputs: list[Any]) -> Future[tuple[int, list[Prediction]]]:
