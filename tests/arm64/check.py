@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -76,18 +77,29 @@ def post(port: int, texts: list[str]) -> dict[str, Any]:
     return body
 
 
-def wait_serving(port: int, agent: subprocess.Popen[bytes], log: Path, timeout_s: float = 900) -> None:
+SERVING_ON = re.compile(r"serving on http://127\.0\.0\.1:(\d+)")
+
+
+def wait_serving(agent: subprocess.Popen[bytes], log: Path, timeout_s: float = 900) -> int:
+    """The agent's HTTP port (it binds port 0 itself and logs the port), once it serves v1."""
     deadline = time.monotonic() + timeout_s
+    port = None
     while time.monotonic() < deadline:
         if agent.poll() is not None:
             raise RuntimeError(f"the agent exited ({agent.returncode}):\n{log.read_text()[-3000:]}")
+        if port is None:
+            found = SERVING_ON.search(log.read_text(errors="replace"))
+            port = int(found.group(1)) if found else None
+            if port is None:
+                time.sleep(1)
+                continue
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
             conn.request("GET", "/v2/health/ready")
             ready = json.loads(conn.getresponse().read())
             conn.close()
             if ready.get("version") == 1:
-                return
+                return port
         except (OSError, ValueError):
             pass
         time.sleep(1)
@@ -96,7 +108,7 @@ def wait_serving(port: int, agent: subprocess.Popen[bytes], log: Path, timeout_s
 
 def main() -> int:
     from cloud_trainer.collect import Collector
-    from cloud_trainer.localbroker import free_port, start_local_broker
+    from cloud_trainer.localbroker import start_local_broker
     from cloud_trainer.provision import Pki
     from cloud_trainer.publish import push_bundle
     from cloud_trainer.sample_store import SampleStore
@@ -123,10 +135,9 @@ def main() -> int:
     shutil.rmtree(root / "var" / "lib" / "edge-agent", ignore_errors=True)
     etc.mkdir(parents=True)
     shutil.copy(public, etc / "release.pub")
-    port = free_port()
     (etc / "agent.toml").write_text(
         f'device_id = "arm-1"\nfleet = "arm64"\nstate_dir = "/var/lib/edge-agent"\n'
-        f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n[http]\nport = {port}\n'
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n[http]\nport = 0\n'
         '[update]\ntrusted_keys = ["release.pub"]\n'
         "[serving]\ntelemetry_interval_s = 5\n[sampling]\nrandom_rate = 1.0\n[outbox]\nupload_interval_s = 0.5\n"
     )
@@ -141,7 +152,7 @@ def main() -> int:
         with log.open("wb") as out:
             command = ["/opt/edgeloop/venv/bin/edge-agent", "run", "--config", "/etc/edge-agent/agent.toml"]
             agent = subprocess.Popen(["chroot", str(root), *command], stdout=out, stderr=subprocess.STDOUT)
-        wait_serving(port, agent, log)
+        port = wait_serving(agent, log)
         say("the arm64 agent received, verified and activated v1")
         results["release received, verified and activated"] = True
 
