@@ -191,7 +191,7 @@ class Pki:
     def _write_service_identity(self, identity: str, out: Path | None = None) -> None:
         """Write ``identity``'s credentials and ``mqtt.toml`` (for ``--mqtt-config``) to ``out``.
 
-        The cloud identity holds a client certificate. A collector logs in with a user name and a
+        The cloud and viewer identities hold a client certificate. A collector logs in with a user name and a
         password on the password listener instead: it is the one client that keeps a broker
         session while it is away (its queued batches), and Mosquitto 2.0 mishandles an offline
         session of a certificate client when it reloads (every ``device add``): it disconnects the
@@ -206,7 +206,7 @@ class Pki:
             f"[mqtt]\nhost = {json.dumps(self.settings['broker_host'])}\n"
         )
         topic_root = f"topic_root = {json.dumps(self.settings['topic_root'])}\n"
-        if identity == CLOUD_IDENTITY:
+        if not identity.startswith(COLLECTOR_IDENTITY):
             issued = self.ca.issue(identity)
             write_public(out / "client.crt", issued.cert_pem)
             write_private(out / "client.key", issued.key_pem)
@@ -269,21 +269,7 @@ class Pki:
         data = self._identities()
         if name in data.get("viewers", []) or identity in data["devices"]:
             raise PkiError(f"a viewer named {name!r} exists already")
-        out = self.root / f"viewer-{name}"
-        out.mkdir(exist_ok=True)
-        issued = self.ca.issue(identity)
-        write_public(out / "ca.crt", self.ca.cert_pem)
-        write_public(out / "client.crt", issued.cert_pem)
-        write_private(out / "client.key", issued.key_pem)
-        write_public(
-            out / "mqtt.toml",
-            (
-                f"# The {identity} identity (read-only): pass to cloud-train with --mqtt-config {out / 'mqtt.toml'}\n"
-                f"[mqtt]\nhost = {json.dumps(self.settings['broker_host'])}\nport = {self.settings['cert_port']}\n"
-                f"topic_root = {json.dumps(self.settings['topic_root'])}\n\n"
-                '[mqtt.tls]\nca_file = "ca.crt"\ncert_file = "client.crt"\nkey_file = "client.key"\n'
-            ).encode(),
-        )
+        self._write_service_identity(identity, self.root / f"viewer-{name}")
         data = self._identities()
         data.setdefault("viewers", []).append(name)
         self._save_identities(data)

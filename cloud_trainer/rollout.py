@@ -42,6 +42,7 @@ from edge_agent.protocol.topics import Topics
 
 Level = Literal["fleet", "group", "device"]
 FAILED_STATES = ("rejected", "rolled-back")
+RANK = {"fleet": 0, "group": 1, "device": 2}  # the more specific release wins, as on the device
 RELEASE_TTL = timedelta(days=30)  # as `cloud-train push`
 
 
@@ -106,8 +107,7 @@ def _winner(row: DeviceRow, releases: list[CurrentRelease]) -> CurrentRelease | 
             or (current.level == "group" and state is not None and state.group == current.name)
             or (current.level == "device" and row.device == current.name)
         )
-        rank = {"fleet": 0, "group": 1, "device": 2}[current.level]
-        if matches and (best is None or rank > {"fleet": 0, "group": 1, "device": 2}[best.level]):
+        if matches and (best is None or RANK[current.level] > RANK[best.level]):
             best = current
     return best
 

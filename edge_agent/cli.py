@@ -64,13 +64,11 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 def providers_report(config: AgentConfig) -> str:
     """Which of the configured execution providers this onnxruntime build has, and what it will use."""
-    from edge_agent.runtime.session import available_providers
+    from edge_agent.runtime.session import available_providers, choose_providers, provider_name
 
     available = available_providers()
-    wanted = config.runtime.model_providers.get(config.model, config.runtime.providers)
-    used = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
-    if "CPUExecutionProvider" not in used:
-        used.append("CPUExecutionProvider")
+    wanted = config.providers
+    used = [provider_name(p) for p in choose_providers(wanted)]
     missing = [p for p in wanted if p not in available]
     lines = [
         f"onnxruntime providers in this build: {', '.join(available)}",

@@ -259,6 +259,11 @@ class AgentConfig(_Section):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     homeassistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig)
 
+    @property
+    def providers(self) -> list[str]:
+        """The execution-provider order for this agent's model: its override, else ``runtime.providers``."""
+        return self.runtime.model_providers.get(self.model, self.runtime.providers)
+
 
 def _resolve(value: Any, base: Path) -> Any:
     return str(base / value) if isinstance(value, str) and not Path(value).is_absolute() else value

@@ -130,7 +130,7 @@ def load_verified(bundle_dir: Path, config: AgentConfig) -> Classifier:
         bundle_dir,
         manifest,
         providers=provider_specs(
-            runtime.model_providers.get(config.model, runtime.providers),
+            config.providers,
             engine_cache=engine_cache_dir(config, manifest.version) if runtime.trt_engine_cache else None,
             trt_fp16=runtime.trt_fp16,
             device_id=runtime.device_id,
