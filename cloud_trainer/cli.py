@@ -24,12 +24,6 @@ from cloud_trainer.cli_samples import add_sample_commands
 from cloud_trainer.errors import BrokerError, CloudTrainError
 
 DEFAULT_BROKER = "127.0.0.1:1883"
-HYPERPARAMETERS = (
-    "base_model", "epochs", "batch_size", "learning_rate", "weight_decay", "warmup_ratio",
-    "max_length", "truncation", "class_weights", "select_metric", "patience", "max_minutes", "group_by_length",
-    "pooling", "keep", "head_learning_rate", "head_init",
-    "seed", "max_steps", "freeze_base",
-)  # fmt: skip
 
 
 def parse_broker(value: str) -> tuple[str, int]:
@@ -47,105 +41,42 @@ def _registry(args: argparse.Namespace) -> Any:
 
 # -- commands ------------------------------------------------------------------------------------
 def _cmd_train(args: argparse.Namespace) -> int:
-    if args.family == "digits":
-        from cloud_trainer.digits import DigitsConfig, train_digits
-        from cloud_trainer.metrics import format_metrics
+    from cloud_trainer.families import family, train_options
 
-        overrides = {k: getattr(args, k) for k in ("epochs", "batch_size", "learning_rate", "seed")}
-        digits_config = DigitsConfig(
-            **{k: (int(v) if k == "epochs" else v) for k, v in overrides.items() if v is not None}
-        )
-        digits = train_digits(args.out, config=digits_config, progress=True)
-        print(format_metrics(digits.metrics))
-        print(f"checkpoint: {digits.checkpoint}")
-        return 0
-    if args.data is None:
-        raise CloudTrainError("--data is required for the text family")
-    from cloud_trainer.metrics import format_metrics
-    from cloud_trainer.runs import train_run
-    from cloud_trainer.train import TrainConfig, load_train_config
-
-    settings = load_train_config(args.config) if args.config else {}
-    settings.update({k: getattr(args, k) for k in HYPERPARAMETERS if getattr(args, k) is not None})
-    config = TrainConfig.from_mapping(settings, origin=str(args.config or "flags"))
-    samples = None
-    if args.include_samples:
-        from cloud_trainer.labelling import labelled_texts
-        from cloud_trainer.sample_store import SampleStore, default_store
-
-        samples = labelled_texts(SampleStore(args.samples_store or default_store()), args.include_samples)
-        if not len(samples):
-            raise CloudTrainError(f"the sample store has no labelled samples of model {args.include_samples!r}")
-    result = train_run(
-        args.data, args.out, config=config, val_path=args.val_data, val_fraction=args.val_fraction,
-        text_column=args.text_column, label_column=args.label_column, samples=samples,
-    )  # fmt: skip
-    if samples is not None:
-        info = result.metrics["samples"]
-        new_labels = ", ".join(info["new_labels"]) or "-"
-        print(
-            f"fleet samples: {info['labelled']} labelled, {info['added']} added to the training split, "
-            f"{info['duplicates_skipped']} already in the data; new labels: {new_labels}"
-        )
-    print(f"\nvalidation split ({result.metrics['val_examples']} examples, best epoch {result.metrics['best_epoch']}):")
-    print(format_metrics(result.metrics))
-    print(f"trained in {result.metrics['training_minutes']:.1f} min; metrics: {args.out / 'metrics.json'}")
-    print(f"checkpoint: {result.checkpoint}")
-    if args.test_data is not None:
-        _report_test(args)
+    chosen = family(args.family)
+    chosen.refuse_foreign_options(args, train_options())
+    chosen.train(args)
     return 0
 
 
-def _report_test(args: argparse.Namespace) -> None:
-    """Score the finished run on ``--test-data``, which training never saw, as ``cloud-train evaluate`` would."""
-    from cloud_trainer.data import load_labelled
-    from cloud_trainer.evaluate import evaluate_source, format_report
-    from cloud_trainer.registry import default_registry
-
-    test = load_labelled(args.test_data, text_column=args.text_column, label_column=args.label_column)
-    report = evaluate_source(str(args.out), test.texts, test.labels, registry_root=default_registry())
-    report["data"] = str(args.test_data)
-    (args.out / "test_metrics.json").write_text(json.dumps(report, indent=2))
-    print(f"\ntest split ({len(test)} examples from {args.test_data}, never trained on):")
-    print(format_report(report))
-
-
-def _export_precision(args: argparse.Namespace) -> tuple[str, str]:
+def _export_precision(args: argparse.Namespace, family: Any = None) -> tuple[str, str]:
     """``(quantization, CPU preset)`` for ``--quantize`` and ``--target``: a GPU target (a Jetson's
-    CUDA and TensorRT providers) ships fp16 unless told otherwise; dynamic int8 is CPU-only there."""
-    if args.target != "gpu":
-        return args.quantize or "dynamic-int8", args.target
-    if args.quantize == "dynamic-int8":
+    CUDA and TensorRT providers) ships fp16 unless told otherwise; dynamic int8 is CPU-only there.
+    On a CPU, a family (:class:`cloud_trainer.families.Family`) ships its ``cpu_quantization``
+    unless told otherwise, and refuses what is not among its ``quantizations``."""
+    if args.target == "gpu" and args.quantize == "dynamic-int8":
         raise CloudTrainError(
             "--target gpu: dynamic int8 (MatMulInteger) has no CUDA or TensorRT kernel and would run on the "
             "device's CPU; use --quantize fp16 (the default for gpu), static-int8 (QDQ, which TensorRT runs) or none"
         )
+    if family is not None and args.quantize is not None and args.quantize not in family.quantizations:
+        raise CloudTrainError(
+            f"--quantize {args.quantize}: the {family.name} family ships {', '.join(family.quantizations)}"
+        )
+    if args.target != "gpu":
+        return args.quantize or (family.cpu_quantization if family is not None else "dynamic-int8"), args.target
     return args.quantize or "fp16", "avx2"  # the preset is unused without dynamic int8
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from cloud_trainer.families import ExportOptions, family_of_run
+
     registry = _registry(args)
-    args.quantize, args.target = _export_precision(args)
-    options = {"quantization": args.quantize, "max_accuracy_drop": args.max_accuracy_drop,
-               "max_f1_drop": args.max_f1_drop}  # fmt: skip
-    if (args.run / "checkpoint" / "model.pt").is_file():  # a digits CNN run
-        from cloud_trainer.digits import export_digits
-
-        def build(bundle_dir: Path, number: int, parent: int | None) -> Any:
-            quantization = "static-int8" if args.quantize == "dynamic-int8" else args.quantize
-            result = export_digits(args.run, bundle_dir, model=args.model, version=number, quantization=quantization,
-                                   max_accuracy_drop=args.max_accuracy_drop, parent_version=parent)  # fmt: skip
-            reports.append(result.report)
-            return result.manifest
-
-        reports: list[dict[str, Any]] = []
-        entry = registry.register(args.model, version=args.version, build=build, source={"run": str(args.run)})
-        report = reports[0]
-    else:
-        from cloud_trainer.runs import register_run
-
-        entry, report = register_run(registry, args.run, model=args.model, version=args.version,
-                                     target=args.target, **options)  # fmt: skip
+    run_family = family_of_run(args.run)
+    quantization, target = _export_precision(args, run_family)
+    options = ExportOptions(quantization=quantization, target=target, max_accuracy_drop=args.max_accuracy_drop,
+                            max_f1_drop=args.max_f1_drop)  # fmt: skip
+    entry, report = run_family.register(registry, args.run, model=args.model, version=args.version, options=options)
     print(json.dumps(report, indent=2))
     print(f"registered {entry.ref} in {registry.root} ({entry.manifest.total_bytes} bytes)")
     return 0
@@ -239,27 +170,34 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 # -- parser --------------------------------------------------------------------------------------
 def _add_train(sub: Any) -> None:
-    p = sub.add_parser("train", help="fine-tune a classifier (text: a Hugging Face model; digits: a small CNN)")
-    p.add_argument("--family", choices=["text", "digits"], default="text",
-                   help="text (default) or digits (sklearn's 8x8 digits, a CNN trained from scratch)")  # fmt: skip
-    p.add_argument("--data", type=Path, help="CSV, TSV, JSONL or Parquet with text and label columns")
+    from cloud_trainer.families import family, names
+
+    families = "; ".join(f"{name}: {family(name).summary}" for name in names())
+    p = sub.add_parser("train", help="fine-tune a classifier of one family (text, image, digits)")
+    p.add_argument("--family", choices=names(), default="text", help=f"default text. {families}")
+    p.add_argument("--data", type=Path,
+                   help="text: CSV, TSV, JSONL or Parquet with text and label columns; image: an image folder (one "
+                        "sub-folder of JPEG/PNG per label) or such a table of image paths")  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="run directory to write")
     p.add_argument("--val-data", type=Path, help="explicit validation set (default: a stratified split of --data)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="share of --data held out (default 0.2)")
-    p.add_argument("--text-column", default="text", help="default text")
-    p.add_argument("--label-column", default="label", help="default label")
+    p.add_argument("--val-fraction", type=float, help="share of --data held out (default 0.2)")
+    p.add_argument("--text-column", help="text: the column of texts (default text)")
+    p.add_argument("--image-column", help="image tables: the column of image paths (default image)")
+    p.add_argument("--label-column", help="default label")
     p.add_argument("--test-data", type=Path, help="labelled test file: scored at the end, never trained on")
     p.add_argument("--config", type=Path, help="TOML file whose [train] table sets any hyperparameter below")
-    p.add_argument("--base-model", help="hub id or local directory (default: the packaged MiniLM)")
+    p.add_argument("--base-model",
+                   help="hub id or local directory (text default: the packaged MiniLM; image: required, e.g. "
+                        "microsoft/resnet-50 or a save_pretrained directory with its image processor)")  # fmt: skip
     p.add_argument("--epochs", type=float, help="most epochs; early stopping may end sooner (default: 8; 30 frozen)")
     p.add_argument("--batch-size", type=int, help="default 16")
     p.add_argument("--learning-rate", type=float, help="peak AdamW rate (default: 1e-4; 2e-3 with --freeze-base)")
     p.add_argument("--weight-decay", type=float, help="default 0.01")
     p.add_argument("--warmup-ratio", type=float, help="share of steps warming up (default: 0.1; 0 frozen)")
     p.add_argument("--max-length", type=int,
-                   help="tokens per text (default: p95 of the training texts, at most 256)")  # fmt: skip
+                   help="text: tokens per text (default: p95 of the training texts, at most 256)")  # fmt: skip
     p.add_argument("--truncation", choices=["auto", "head", "head+tail"],
-                   help="what a long text keeps (default auto: head+tail when over 1%% of texts are cut)")  # fmt: skip
+                   help="text: what a long text keeps (default auto: head+tail if over 1%% are cut)")  # fmt: skip
     p.add_argument("--class-weights", choices=["auto", "balanced", "none"],
                    help="inverse-frequency loss weights (default auto: balanced when imbalanced)")  # fmt: skip
     p.add_argument("--select-metric", choices=["macro_f1", "accuracy", "loss"],
@@ -267,9 +205,9 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--patience", type=int, help="epochs without improvement before stopping; 0: never (default 3)")
     p.add_argument("--max-minutes", type=float, help="training-time budget; epochs are fitted to it (default: none)")
     p.add_argument("--no-group-by-length", dest="group_by_length", action="store_false", default=None,
-                   help="batch texts in random order instead of by similar length")  # fmt: skip
+                   help="text: batch texts in random order instead of by similar length")  # fmt: skip
     p.add_argument("--pooling", choices=["auto", "mean", "cls"],
-                   help="classify the mean of the token states or the [CLS] token (default auto: mean for "
+                   help="text: classify the mean of the token states or the [CLS] token (default auto: mean for "
                         "sentence-transformer bases such as the packaged MiniLM)")  # fmt: skip
     p.add_argument("--keep", choices=["best", "last"], help="which epoch's model to save (default best)")
     p.add_argument("--head-learning-rate", type=float,
@@ -280,8 +218,14 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--max-steps", type=int, help="stop after N steps (default: no limit)")
     p.add_argument("--seed", type=int, help="default 42; the same seed reproduces the model")
     p.add_argument("--freeze-base", action="store_true", default=None, help="train only the classification head")
+    p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
+                   help="image: no random resized crops or flips while training")  # fmt: skip
+    p.add_argument("--min-crop-scale", type=float,
+                   help="image: smallest share of an image's area a random crop keeps (default 0.08)")  # fmt: skip
+    p.add_argument("--no-hflip", dest="hflip", action="store_false", default=None,
+                   help="image: no horizontal flips (for digits, text, arrows: anything a mirror changes)")  # fmt: skip
     p.add_argument(
-        "--include-samples", metavar="MODEL", help="add MODEL's labelled fleet samples to the training split"
+        "--include-samples", metavar="MODEL", help="text: add MODEL's labelled fleet samples to the training split"
     )
     p.add_argument(
         "--samples-store", type=Path, help="sample store (default: $EDGELOOP_SAMPLES or ~/.edgeloop/samples)"
@@ -295,8 +239,11 @@ def _add_export(sub: Any) -> None:
     p.add_argument("--run", type=Path, required=True, help="run directory from `cloud-train train`")
     p.add_argument("--model", default="intents", help="model name in the fleet (default intents)")
     p.add_argument("--version", type=int, help="default: the next version")
-    p.add_argument("--quantize", choices=["dynamic-int8", "static-int8", "fp16", "none"],
-                   help="precision of the shipped model (default: dynamic-int8; fp16 for --target gpu)")  # fmt: skip
+    p.add_argument("--quantize", choices=["dynamic-int8", "static-int8", "weight-int8", "fp16", "none"],
+                   help="precision of the shipped model (default on a CPU: dynamic-int8 for text, static-int8 "
+                        "calibrated on training images for image and digits; fp16 for --target gpu). "
+                        "weight-int8 (text): int8 weights with fp32 activations, as small as dynamic-int8 and "
+                        "within a few thousandths of fp32's probabilities, but slower")  # fmt: skip
     p.add_argument("--target", choices=["avx2", "avx512_vnni", "arm64", "gpu"], default="avx2",
                    help="where the bundle runs: a CPU preset for dynamic int8, or gpu (a Jetson's CUDA and "
                         "TensorRT providers: fp16 by default)")  # fmt: skip

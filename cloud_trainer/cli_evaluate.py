@@ -3,6 +3,7 @@
 cloud-train evaluate intents:2 --data test.csv               # the newest version without :VERSION
 cloud-train evaluate runs/r1 --data test.jsonl --json report.json
 cloud-train evaluate path/to/bundle --data test.parquet --json -   # JSON on stdout, the table on stderr
+cloud-train evaluate birds:3 --data test-images/             # an image model: an image folder (or a table of paths)
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from typing import Any
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from cloud_trainer.data import load_labelled
-    from cloud_trainer.evaluate import evaluate_source, format_report
+    from cloud_trainer.evaluate import evaluate_file, format_report
     from cloud_trainer.registry import default_registry
 
-    data = load_labelled(args.data, text_column=args.text_column, label_column=args.label_column)
-    report = evaluate_source(args.source, data.texts, data.labels, registry_root=args.registry or default_registry())
-    report = {"data": str(args.data), **report}
+    report = evaluate_file(
+        args.source, args.data, registry_root=args.registry or default_registry(), text_column=args.text_column,
+        image_column=args.image_column, label_column=args.label_column,
+    )  # fmt: skip
     text = format_report(report)
     if args.json == "-":
         print(text, file=sys.stderr)
@@ -43,9 +44,15 @@ def add_evaluate_command(sub: Any) -> None:
         "or MODEL[:VERSION] from the registry (default version: the newest)",
     )
     p.add_argument(
-        "--data", type=Path, required=True, metavar="FILE", help="labelled test file: CSV, TSV, JSONL or Parquet"
+        "--data",
+        type=Path,
+        required=True,
+        metavar="PATH",
+        help="labelled test data: CSV, TSV, JSONL or Parquet (texts, or image paths relative to the file), "
+        "or for an image model an image folder with one sub-folder per label",
     )
     p.add_argument("--text-column", default="text", help="default: text")
+    p.add_argument("--image-column", default="image", help="image models: the column of image paths (default: image)")
     p.add_argument("--label-column", default="label", help="default: label")
     p.add_argument(
         "--registry",

@@ -42,13 +42,7 @@ def load_labelled(path: Path, *, text_column: str = "text", label_column: str = 
 
     Every row needs a non-empty text and label; a bad row is refused with its row number.
     """
-    kind = FORMATS.get(path.suffix.lower())
-    if kind is None:
-        raise DataError(f"data set {path}: unknown format {path.suffix!r}; use one of {', '.join(sorted(FORMATS))}")
-    if not path.is_file():
-        raise DataError(f"data set {path} does not exist or is not a file")
-    reader = {"csv": _rows_delimited, "tsv": _rows_delimited, "jsonl": _rows_jsonl, "parquet": _rows_parquet}[kind]
-    columns, rows = reader(path)
+    columns, rows = read_table(path)
     for column in (text_column, label_column):
         if column not in columns:
             raise DataError(f"data set {path} has no column {column!r} (columns: {', '.join(columns) or 'none'})")
@@ -72,6 +66,17 @@ def load_labelled(path: Path, *, text_column: str = "text", label_column: str = 
 
 
 Rows = tuple[list[str], list[dict[str, Any]]]
+
+
+def read_table(path: Path) -> Rows:
+    """The column names and rows of a CSV, TSV, JSONL or Parquet file (chosen by its suffix)."""
+    kind = FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"data set {path}: unknown format {path.suffix!r}; use one of {', '.join(sorted(FORMATS))}")
+    if not path.is_file():
+        raise DataError(f"data set {path} does not exist or is not a file")
+    reader = {"csv": _rows_delimited, "tsv": _rows_delimited, "jsonl": _rows_jsonl, "parquet": _rows_parquet}[kind]
+    return reader(path)
 
 
 def _rows_delimited(path: Path) -> Rows:

@@ -2,14 +2,21 @@
 
 Bundles (on disk or in the registry) run through the device's own runtime
 (``edge_agent.runtime.load_classifier``, onnxruntime on the CPU), so the labels scored are the
-labels a device would serve. A training run's checkpoint runs in torch, fed by the device's text
-preprocessing (:class:`edge_agent.runtime.text.TextEncoder`). Only prediction is timed.
+labels a device would serve. A training run's checkpoint runs in torch, fed by the device's
+preprocessing: the text family's through :class:`edge_agent.runtime.text.TextEncoder`, the image
+family's through the device's image decoder (:mod:`cloud_trainer.images.preprocessing`); the run's
+family (:mod:`cloud_trainer.families`) opens it. Only prediction is timed.
 
-Library use (``cloud-train train --test-data`` calls the first two)::
+Test data is texts (CSV, TSV, JSONL or Parquet with a text and a label column) for text models,
+and images (an image folder with one sub-folder per label, or a table of image paths and labels)
+for image models: :func:`evaluate_file` reads whichever the model takes.
+
+Library use (``cloud-train train --test-data`` calls :func:`evaluate_file`)::
 
     report = evaluate_predictions(predicted, truth, labels=labels, seconds=elapsed)
     print(format_report(report))
     report = evaluate_source("intents:2", texts, truth, registry_root=root)
+    report = evaluate_file("birds:3", Path("test-images/"), registry_root=root)
 """
 
 from __future__ import annotations
@@ -20,25 +27,28 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cloud_trainer.errors import BundleError, CloudTrainError, DataError
 from cloud_trainer.metrics import classification_metrics, format_metrics
 
 BATCH_SIZE = 32
-"""Texts per forward pass, for bundles and for checkpoints alike."""
+"""Texts or images per forward pass, for bundles and for checkpoints alike."""
+UNITS = {"texts": "text", "images": "image"}
 
 
 @dataclass(frozen=True)
 class SourceModel:
-    """A model ready to label texts, and what a report says about where it came from.
+    """A model ready to label inputs, and what a report says about where it came from.
 
-    ``predict`` takes texts and returns one label per text, from ``labels``.
+    ``predict`` takes ``inputs`` (texts, or images as their encoded JPEG/PNG bytes) and returns
+    one label per input, from ``labels``.
     """
 
     labels: list[str]
-    predict: Callable[[Sequence[str]], list[str]]
+    predict: Callable[[Sequence[Any]], list[str]]
     about: dict[str, Any] = field(default_factory=dict)
+    inputs: Literal["texts", "images"] = "texts"
 
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -53,7 +63,7 @@ def check_known_labels(truth: Sequence[str], labels: Sequence[str]) -> None:
 
 
 def evaluate_predictions(
-    predicted: list[str], truth: list[str], *, labels: list[str], seconds: float
+    predicted: list[str], truth: list[str], *, labels: list[str], seconds: float, unit: str = "text"
 ) -> dict[str, Any]:
     """A test-set report: :func:`~cloud_trainer.metrics.classification_metrics` and what puts it in context.
 
@@ -62,7 +72,8 @@ def evaluate_predictions(
     (strictly better on accuracy and on macro-F1); ``never_predicted`` (labels with examples in
     ``truth`` that the model never predicted); ``labels_without_examples`` (model labels absent
     from ``truth``; they count as F1 0 in macro-F1, for the model and the baseline alike);
-    ``latency_ms_per_text`` (``seconds`` spent predicting, per text).
+    ``latency_ms_per_text`` (``seconds`` spent predicting, per text; ``latency_ms_per_image`` with
+    ``unit="image"``).
 
     Raises ``CloudTrainError`` if ``truth`` has labels that are not in ``labels``.
     """
@@ -83,8 +94,8 @@ def evaluate_predictions(
         beats_majority=report["accuracy"] > baseline["accuracy"] and report["macro_f1"] > baseline["macro_f1"],
         never_predicted=[label for label in labels if counts[label] and label not in produced],
         labels_without_examples=[label for label in labels if not counts[label]],
-        latency_ms_per_text=1000.0 * seconds / len(truth),
     )
+    report[f"latency_ms_per_{unit}"] = 1000.0 * seconds / len(truth)
     return report
 
 
@@ -105,7 +116,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"{report['examples']} examples; majority baseline (always {base['label']!r}): "
         f"accuracy {base['accuracy']:.3f}   macro-F1 {base['macro_f1']:.3f}"
     )
-    lines.append(f"latency {report['latency_ms_per_text']:.3f} ms per text (prediction only)")
+    unit = "image" if "latency_ms_per_image" in report else "text"
+    lines.append(f"latency {report[f'latency_ms_per_{unit}']:.3f} ms per {unit} (prediction only)")
     if report["labels_without_examples"]:
         lines.append(f"no test examples of: {', '.join(report['labels_without_examples'])} (F1 0 in macro-F1)")
     if not report["beats_majority"]:
@@ -123,35 +135,42 @@ def format_report(report: dict[str, Any]) -> str:
 
 # -- sources -------------------------------------------------------------------------------------
 def open_bundle(bundle_dir: Path) -> SourceModel:
-    """A text-classification bundle, verified file by file, served by the device's runtime."""
+    """A text- or image-classification bundle, verified file by file, served by the device's runtime."""
     from edge_agent.protocol import Manifest, ProtocolError, verify_bundle_files
-    from edge_agent.runtime import ModelLoadError, load_classifier
+    from edge_agent.runtime import InputError, ModelLoadError, load_classifier
 
     try:
         manifest = Manifest.read(bundle_dir)
         verify_bundle_files(bundle_dir, manifest)
     except ProtocolError as exc:
         raise BundleError(f"bundle {bundle_dir}: {exc}") from None
-    if manifest.task != "text-classification":
-        raise BundleError(f"bundle {bundle_dir} is {manifest.task}; evaluate scores text classifiers")
+    inputs = _TASK_INPUTS.get(manifest.task)
+    if inputs is None:
+        raise BundleError(f"bundle {bundle_dir} is {manifest.task}; evaluate scores text and image classifiers")
     try:
         classifier = load_classifier(bundle_dir, manifest, providers=["CPUExecutionProvider"])
     except ModelLoadError as exc:
         raise BundleError(f"bundle {bundle_dir}: {exc}") from None
 
-    def predict(texts: Sequence[str]) -> list[str]:
-        return [
-            p.label
-            for start in range(0, len(texts), BATCH_SIZE)
-            for p in classifier.predict(texts[start : start + BATCH_SIZE])
-        ]
+    def predict(items: Sequence[Any]) -> list[str]:
+        labels: list[str] = []
+        for start in range(0, len(items), BATCH_SIZE):
+            batch = items[start : start + BATCH_SIZE]
+            try:
+                labels += [p.label for p in classifier.predict(batch)]
+            except InputError as exc:  # an image the device could not decode either
+                raise DataError(f"test inputs {start} to {start + len(batch) - 1}: {exc}") from None
+        return labels
 
     about = {"model": manifest.model, "version": manifest.version, "quantization": manifest.quantization}
-    return SourceModel(labels=list(manifest.labels), predict=predict, about=about)
+    return SourceModel(labels=list(manifest.labels), predict=predict, about=about, inputs=inputs)
+
+
+_TASK_INPUTS: dict[str, Literal["texts", "images"]] = {"text-classification": "texts", "image-classification": "images"}
 
 
 def open_run(run_dir: Path) -> SourceModel:
-    """A training run's ``checkpoint/`` in torch (eval mode), tokenized by the device's ``TextEncoder``."""
+    """A text training run's ``checkpoint/`` in torch (eval mode), tokenized by the device's ``TextEncoder``."""
     from edge_agent.protocol import TextPreprocessing
 
     checkpoint = run_dir / "checkpoint"
@@ -231,7 +250,9 @@ def open_source(source: str, *, registry_root: Path) -> SourceModel:
             found = open_bundle(path)
             return replace(found, about={"source": source, "kind": "bundle", **found.about})
         if (path / "run.json").is_file():
-            found = open_run(path)
+            from cloud_trainer.families import family_of_run
+
+            found = family_of_run(path).open_run(path)
             return replace(found, about={"source": source, "kind": "run", **found.about})
         raise CloudTrainError(
             f"cannot evaluate {source!r}: a directory with neither {MANIFEST_NAME} (a bundle) nor run.json "
@@ -248,18 +269,74 @@ def open_source(source: str, *, registry_root: Path) -> SourceModel:
     return replace(found, about={"source": source, "kind": "registry", **found.about})
 
 
-def evaluate_source(source: str, texts: Sequence[str], labels: Sequence[str], *, registry_root: Path) -> dict[str, Any]:
-    """Label ``texts`` with the model ``source`` names (see :func:`open_source`) and score against ``labels``.
+def evaluate_source(
+    source: str, inputs: Sequence[Any], labels: Sequence[str], *, registry_root: Path
+) -> dict[str, Any]:
+    """Label ``inputs`` (texts, or encoded images for an image model) with the model ``source`` names
+    (see :func:`open_source`) and score against ``labels``.
 
     The report is :func:`evaluate_predictions`' with ``source``, ``kind`` (bundle, registry or run)
     and, for bundles, ``model``, ``version`` and ``quantization`` first. Test labels the model does
     not know are refused before anything runs.
     """
-    if len(texts) != len(labels) or not texts:
-        raise DataError(f"need one label per text, and at least one: {len(texts)} texts, {len(labels)} labels")
+    if len(inputs) != len(labels) or not inputs:
+        raise DataError(f"need one label per input, and at least one: {len(inputs)} inputs, {len(labels)} labels")
     model = open_source(source, registry_root=registry_root)
     check_known_labels(labels, model.labels)
     start = time.perf_counter()
-    predicted = model.predict(list(texts))
+    predicted = model.predict(list(inputs))
     seconds = time.perf_counter() - start
-    return {**model.about, **evaluate_predictions(predicted, list(labels), labels=model.labels, seconds=seconds)}
+    scored = evaluate_predictions(predicted, list(labels), labels=model.labels, seconds=seconds,
+                                  unit=UNITS[model.inputs])  # fmt: skip
+    return {**model.about, **scored}
+
+
+def source_inputs(source: str, *, registry_root: Path) -> Literal["texts", "images"] | None:
+    """What the model ``source`` names takes, read from its manifest or ``run.json`` without loading
+    it; None when that cannot be told (:func:`open_source` then names the problem)."""
+    from cloud_trainer.families import family_of_run
+    from cloud_trainer.registry import Registry, parse_ref
+    from edge_agent.protocol import MANIFEST_NAME
+
+    path = Path(source)
+    try:
+        if path.is_dir() and (path / MANIFEST_NAME).is_file():
+            task = json.loads((path / MANIFEST_NAME).read_text()).get("task")
+        elif path.is_dir() and (path / "run.json").is_file():
+            return family_of_run(path).inputs
+        elif path.is_dir():
+            return None
+        else:
+            task = Registry(registry_root).get(*parse_ref(source)).manifest.task
+    except (CloudTrainError, OSError, ValueError, AttributeError):
+        return None
+    return _TASK_INPUTS.get(str(task))
+
+
+def load_test_data(
+    path: Path, inputs: Literal["texts", "images"], *, text_column: str = "text", image_column: str = "image",
+    label_column: str = "label",
+) -> tuple[list[Any], list[str]]:  # fmt: skip
+    """Labelled test inputs of the kind a model takes: texts from a table, or images (their encoded
+    bytes) from an image folder or a table of image paths."""
+    if inputs == "images":
+        from cloud_trainer.images.data import load_images
+
+        images = load_images(path, image_column=image_column, label_column=label_column)
+        return images.read(), list(images.labels)
+    from cloud_trainer.data import load_labelled
+
+    texts = load_labelled(path, text_column=text_column, label_column=label_column)
+    return list(texts.texts), list(texts.labels)
+
+
+def evaluate_file(source: str, data: Path, *, registry_root: Path, text_column: str = "text",
+                  image_column: str = "image", label_column: str = "label") -> dict[str, Any]:  # fmt: skip
+    """:func:`evaluate_source` on the labelled test data in ``data`` (texts or images, whichever the model
+    takes; see :func:`load_test_data`); the report starts with ``data``."""
+    kind = source_inputs(source, registry_root=registry_root)
+    if kind is None:  # a source that cannot be read: its error, not the data's, is the one to show
+        kind = open_source(source, registry_root=registry_root).inputs
+    inputs, labels = load_test_data(data, kind, text_column=text_column, image_column=image_column,
+                                    label_column=label_column)  # fmt: skip
+    return {"data": str(data), **evaluate_source(source, inputs, labels, registry_root=registry_root)}

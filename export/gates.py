@@ -26,8 +26,9 @@ import numpy.typing as npt
 from export.errors import AccuracyGateFailed, ValidationFailed
 
 NEXT_STEP = {
-    "dynamic-int8": "try --quantize static-int8 (calibrated) or --quantize fp16 / none",
-    "static-int8": "try --quantize dynamic-int8, or --target avx512_vnni/arm64 per-channel",
+    "dynamic-int8": "try --quantize weight-int8 (int8 weights, fp32 activations) or static-int8 (calibrated)",
+    "static-int8": "try --quantize weight-int8, or dynamic-int8 with --target avx512_vnni/arm64",
+    "weight-int8": "try --quantize fp16 (GPU) or none",
     "fp16": "try --quantize none",
 }
 _BLOCK_CELLS = 2_000_000  # resample-by-example cells per bootstrap block: bounds memory on big splits

@@ -21,6 +21,7 @@ from export.quantize import (
     optimize_transformer,
     quantize_dynamic_preset,
     quantize_static_int8,
+    quantize_weights_int8,
 )
 from export.validate import check_parity, torch_logits
 
@@ -93,6 +94,8 @@ def _convert(req: ExportRequest, fp32_model: Path, fp32: TextClassifier) -> Path
         texts = req.calibration_texts or req.val_texts
         batches = [fp32.feeds(texts[i : i + 8]) for i in range(0, len(texts), 8)]
         return quantize_static_int8(fp32_model, work / "model.static-int8.onnx", calibration=batches)
+    if req.quantization == "weight-int8":
+        return quantize_weights_int8(fp32_model, work / "model.weight-int8.onnx")
     fused = optimize_transformer(fp32_model, work / "model.fused.onnx")
     if req.quantization == "fp16":
         return convert_fp16(fused, work / "model.fp16.onnx")

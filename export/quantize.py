@@ -4,6 +4,9 @@
 - dynamic-int8: int8 weights, activations quantized at run time, with optimum's preset for the CPU
   (``avx2``, ``avx512_vnni``, ``arm64``)
 - static-int8: int8 weights and activations, ranges calibrated on training data (QDQ format)
+- weight-int8: int8 weights with a scale per block of 32 (``MatMulNBits``, 8 bits) and int8 embeddings;
+  activations stay fp32. Its outputs stay within a few thousandths of fp32's, where dynamic int8's
+  per-tensor activation scales move probabilities ten times as far (docs/benchmarks.md)
 - fp16: the fused graph in half precision, fp32 inputs and outputs (GPUs: Jetson's CUDA / TensorRT EP)
 """
 
@@ -19,7 +22,8 @@ from export.errors import ExportError
 
 log = logging.getLogger(__name__)
 
-QUANTIZATIONS = ("dynamic-int8", "static-int8", "fp16", "none")
+QUANTIZATIONS = ("dynamic-int8", "static-int8", "weight-int8", "fp16", "none")
+WEIGHT_BLOCK = 32  # weights per scale in weight-int8
 TARGETS = ("avx2", "avx512_vnni", "arm64")
 
 
@@ -81,6 +85,33 @@ def quantize_static_int8(fp32: Path, out: Path, *, calibration: Iterable[dict[st
         op_types_to_quantize=["MatMul", "Gemm", "Conv"],
     )
     prepared.unlink(missing_ok=True)
+    return out
+
+
+def quantize_weights_int8(fp32: Path, out: Path, *, block_size: int = WEIGHT_BLOCK) -> Path:
+    """int8 weights, fp32 activations: every constant MatMul weight in blocks of ``block_size`` rows
+    with a symmetric scale each (onnxruntime's ``MatMulNBits``, 8 bits), then the embedding tables
+    (``Gather``) in int8, dequantized on lookup. About a quarter of the fp32 size, like dynamic int8."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    matmuls = out.parent / f".{out.stem}-matmul.onnx"
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(fp32)),
+        bits=8,
+        block_size=block_size,
+        is_symmetric=True,
+        op_types_to_quantize=("MatMul",),
+        accuracy_level=4,  # int8 products, per-block activation scales: 1.6x faster than fp32 products (level 0) here
+    )
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(matmuls), use_external_data_format=False)
+    quantize_dynamic(str(matmuls), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["Gather"])
+    matmuls.unlink(missing_ok=True)
+    if not any(node.op_type == "MatMulNBits" for node in onnx.load(str(out)).graph.node):
+        raise ExportError(f"weight-int8 found no MatMul weight to quantize in {fp32.name}")
     return out
 
 

@@ -15,7 +15,7 @@ import numpy.typing as npt
 
 from edge_agent.runtime import TextClassifier
 from edge_agent.runtime.text import TextEncoder
-from export.errors import AccuracyGateFailed, ValidationFailed
+from export.errors import ValidationFailed
 
 
 @dataclass(frozen=True)
@@ -62,15 +62,3 @@ def check_parity(
             f"(tolerance {atol:.0e}); argmax agrees on {agreement:.1%}"
         )
     return ParityReport(max_abs_diff=diff, argmax_agreement=agreement, samples=len(texts))
-
-
-def check_accuracy_drop(
-    fp32_accuracy: float, quantized_accuracy: float, *, max_drop_points: float, variant: str = "int8"
-) -> None:
-    """Raise ``AccuracyGateFailed``, with both numbers, if quantization cost more than ``max_drop_points``."""
-    drop = (fp32_accuracy - quantized_accuracy) * 100
-    if drop > max_drop_points:
-        raise AccuracyGateFailed(
-            f"{variant} accuracy {quantized_accuracy:.2%} is {drop:.2f} points below fp32 {fp32_accuracy:.2%} "
-            f"on the validation split; the gate allows {max_drop_points:.2f} (--max-accuracy-drop)"
-        )

@@ -87,8 +87,9 @@ def test_one_or_two_flipped_examples_of_120_pass(flips: int) -> None:
 @pytest.mark.parametrize(
     ("variant", "next_step"),
     [
-        ("dynamic-int8", "try --quantize static-int8 (calibrated) or --quantize fp16 / none"),
-        ("static-int8", "try --quantize dynamic-int8, or --target avx512_vnni/arm64 per-channel"),
+        ("dynamic-int8", "try --quantize weight-int8 (int8 weights, fp32 activations) or static-int8 (calibrated)"),
+        ("static-int8", "try --quantize weight-int8, or dynamic-int8 with --target avx512_vnni/arm64"),
+        ("weight-int8", "try --quantize fp16 (GPU) or none"),
         ("fp16", "try --quantize none"),
     ],
 )
@@ -125,7 +126,7 @@ def test_a_minority_class_wiped_out_fails_on_macro_f1_alone() -> None:
     assert not report.macro_f1_passed
     assert not report.passed
     assert "FAILED on macro-F1" in report.reason
-    with pytest.raises(AccuracyGateFailed, match="FAILED on macro-F1; try --quantize static-int8"):
+    with pytest.raises(AccuracyGateFailed, match="FAILED on macro-F1; try --quantize weight-int8"):
         judge_quantization(reference, candidate, truth, labels, variant="dynamic-int8")
 
 
