@@ -41,7 +41,7 @@ def make_records(n: int) -> list[SampleRecord]:
     texts = [f"could you please turn on the lights in room number {i} before I get home" for i in range(n)]
     for start in range(0, n, 100):
         chunk = texts[start : start + 100]
-        sampler.observe(chunk, [prediction] * len(chunk), 3, text=True)
+        sampler.observe(chunk, [prediction] * len(chunk), 3, task="text-classification")
     return kept
 
 

@@ -2,7 +2,7 @@
 
 cloud-train collect --fleet plant-7 [--store DIR] [--share-group collectors]
 cloud-train samples list --model intents --unlabelled
-cloud-train samples export --model intents --out to-label.csv      # or --format label-studio
+cloud-train samples export --model intents --out to-label.csv      # or --format label-studio (texts or images)
 cloud-train samples import labelled.csv                            # or a Label Studio JSON export
 cloud-train samples verify [--fix]                                 # Parquet and the index agree?
 cloud-train sampling set --fleet plant-7 --model intents --low-confidence 0.7 --random-rate 0.01
@@ -133,9 +133,14 @@ def _cmd_samples(args: argparse.Namespace) -> int:
         print(json.dumps(store.get(args.id).as_dict(), indent=2, ensure_ascii=False))
     elif args.samples_command == "export":
         rows = store.query(model=args.model, labelled=None if args.all else False)
-        write = labelling.export_label_studio if args.format == "label-studio" else labelling.export_csv
-        count = write(rows, args.out)
+        config = labelling.config_path_for(args.out) if args.format == "label-studio" else None
+        if config is not None:
+            count = labelling.export_label_studio(rows, args.out, config_path=config)
+        else:
+            count = labelling.export_csv(rows, args.out)
         print(f"exported {count} {'' if args.all else 'unlabelled '}samples to {args.out}")
+        if config is not None:
+            print(f"labelling config: {config} (paste it into the Label Studio project's Labeling Interface)")
     elif args.samples_command == "import":
         pairs = labelling.read_labels(args.file)
         count = store.set_labels(pairs, source="import")
@@ -249,7 +254,11 @@ def add_sample_commands(sub: Any) -> None:
     ls.add_argument("--limit", type=int, default=50, help="most rows shown")
     show = ss.add_parser("show", help="one sample, as JSON")
     show.add_argument("id")
-    ex = ss.add_parser("export", help="write samples for labelling (unlabelled ones unless --all)")
+    ex = ss.add_parser(
+        "export",
+        help="write samples for labelling (unlabelled ones unless --all); label-studio also writes "
+        "OUT's stem + .label-config.xml, the project's labelling config (Text or Image, and the labels)",
+    )
     ex.add_argument("--out", type=Path, required=True)
     ex.add_argument("--format", choices=["csv", "label-studio"], default="csv", help="file format")
     ex.add_argument("--model")

@@ -151,7 +151,8 @@ class _Part:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    """UTC to the microsecond: labels imported one after another stay in order (the latest wins)."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -2,8 +2,9 @@
 
 :meth:`Sampler.observe` runs on the request path for every prediction: it gives each one an id
 (returned to the caller, who may report the true label later), remembers the recent ones for
-feedback (within a count and a byte bound; images as compact arrays, or as their encoded JPEG/PNG
-bytes when they came encoded), and keeps the hard ones by
+feedback (within a count and a byte bound; what is kept of an input is the model's task's choice,
+:meth:`edge_agent.runtime.Task.sample_input`: a text, an image's encoded JPEG/PNG bytes when it came
+encoded, else compact arrays), and keeps the hard ones by
 the :class:`SamplingRules` (low confidence, small margin, high entropy, a random share) within
 per-class and overall hourly caps. Kept records go to a
 ``sink`` (the outbox writer), never to disk on the request path.
@@ -14,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import sys
 import threading
 import time
 import uuid
@@ -24,12 +24,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
-
-from edge_agent.protocol.samples import MAX_IMAGE_DATA_CHARS, Reason, SampleRecord, SamplingRules
-from edge_agent.runtime import Prediction
-from edge_agent.runtime.imagecodec import DecodedImage, compact_copy, data_url
+from edge_agent.protocol.samples import Reason, SampleRecord, SamplingRules
+from edge_agent.runtime import Prediction, SampleInput, Task, task_for
 
 HOUR_S = 3600.0
 ENTRY_OVERHEAD_BYTES = 640
@@ -54,102 +50,17 @@ class UnknownPrediction(KeyError):
 
 
 @dataclass(frozen=True, slots=True)
-class _Pixels:
-    """An image held compactly: the smallest dtype that holds its values exactly (``uint8`` for
-    0..255 pixels, whether they came as ints or floats), and whether they came as floats, so
-    :meth:`tolist` gives back the nested lists the record held before (``12.0`` stays ``12.0``)."""
-
-    array: npt.NDArray[Any]
-    floats: bool
-
-    @classmethod
-    def of(cls, value: Any) -> _Pixels:
-        array = np.asarray(value)
-        if array.dtype.kind not in "biuf":  # numbers as strings: the model took them as float32
-            array = np.asarray(value, dtype=np.float32)
-        return cls(_smallest(array), floats=array.dtype.kind == "f")
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.array.nbytes)
-
-    def tolist(self) -> list[Any]:
-        array = self.array.astype(np.float64) if self.floats and self.array.dtype.kind != "f" else self.array
-        return list(array.tolist())
-
-
-_INTEGERS = (np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32, np.uint64, np.int64)
-_FLOATS = (np.float16, np.float32, np.float64)
-
-
-def _smallest(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
-    """``array`` in the smallest integer or float dtype that holds every value exactly."""
-    if array.size == 0 or array.dtype.kind == "b":
-        return array
-    whole = array.dtype.kind in "iu" or (
-        bool(np.isfinite(array).all())
-        and bool((array == np.round(array)).all())
-        and not bool((np.signbit(array) & (array == 0)).any())  # -0.0 would come back as 0.0
-    )
-    if whole:
-        low, high = int(array.min()), int(array.max())
-        for integer in _INTEGERS:
-            info = np.iinfo(integer)
-            if info.min <= low and high <= info.max:
-                return array.astype(integer)
-    for floating in _FLOATS:
-        if np.dtype(floating).itemsize >= array.dtype.itemsize:
-            break
-        with np.errstate(over="ignore"):  # values too large for the narrow type: inf, and not equal
-            narrow = array.astype(floating)
-        if np.array_equal(narrow.astype(array.dtype), array, equal_nan=True):
-            return narrow
-    return array
-
-
-@dataclass(frozen=True, slots=True)
-class _Encoded:
-    """An image that came encoded (JPEG, PNG), held as encoded bytes: its own if they are small enough
-    to travel in a sample record, else the model-sized pixels re-encoded (:func:`compact_copy`)."""
-
-    data: bytes
-    mime: str
-
-    @classmethod
-    def of(cls, image: DecodedImage) -> _Encoded:
-        data, mime = compact_copy(image, max_bytes=SAMPLE_IMAGE_BYTES)
-        return cls(data, mime)
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.data)
-
-    def data_url(self) -> str:
-        return data_url(self.data, self.mime)
-
-
-SAMPLE_IMAGE_BYTES = (MAX_IMAGE_DATA_CHARS // 4) * 3
-"""An encoded image kept as it came when it has at most this many bytes (its base64 fits a record)."""
-
-
-@dataclass(frozen=True, slots=True)
 class _Seen:
-    input: str | _Pixels | _Encoded
+    input: SampleInput  # what the task keeps of the input (the text; an image's encoded bytes or numbers)
     prediction: Prediction
     version: int
     size: int  # accounted bytes
 
     @classmethod
-    def of(cls, item: Any, prediction: Prediction, version: int, *, text: bool) -> _Seen:
-        held: str | _Pixels | _Encoded
-        if text:
-            held = item
-        elif isinstance(item, DecodedImage):
-            held = _Encoded.of(item)
-        else:
-            held = _Pixels.of(item)
-        size = sys.getsizeof(held) if isinstance(held, str) else held.nbytes
-        return cls(held, prediction, version, size + ENTRY_OVERHEAD_BYTES + SCORE_BYTES * len(prediction.scores))
+    def of(cls, item: Any, prediction: Prediction, version: int, *, task: Task) -> _Seen:
+        held = task.sample_input(item)
+        size = held.nbytes + ENTRY_OVERHEAD_BYTES + SCORE_BYTES * len(prediction.scores)
+        return cls(held, prediction, version, size)
 
 
 def reasons_for(prediction: Prediction, rules: SamplingRules, rng: random.Random) -> list[Reason]:
@@ -260,13 +171,15 @@ class Sampler:
         predictions: list[Prediction],
         version: int,
         *,
-        text: bool,
+        task: str,
         ids: list[str] | None = None,
     ) -> list[str]:
         """Record one request's predictions; return their ids (in order): ``ids`` if given (from
-        :func:`prediction_ids`, when the reply went out first), else new ones."""
+        :func:`prediction_ids`, when the reply went out first), else new ones. ``task`` is the
+        model's (the manifest's ``task``): it decides what is kept of each input."""
         ids = ids if ids is not None else prediction_ids(len(predictions))
-        seen = [_Seen.of(item, p, version, text=text) for item, p in zip(inputs, predictions, strict=True)]
+        kind = task_for(task)
+        seen = [_Seen.of(item, p, version, task=kind) for item, p in zip(inputs, predictions, strict=True)]
         chosen: list[tuple[str, _Seen, list[Reason]]] = []
         rules = self._rules
         with self._lock:
@@ -328,19 +241,10 @@ class Sampler:
             model=self._model,
             version=seen.version,
             created_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            text=seen.input if isinstance(seen.input, str) else None,
-            image=_image_record(seen.input),
+            **seen.input.record_fields(),
             predicted=p.label,
             score=p.score,
             scores=p.scores,
             reasons=reasons,
             label=label,
         )
-
-
-def _image_record(held: str | _Pixels | _Encoded) -> list[Any] | str | None:
-    if isinstance(held, _Pixels):
-        return held.tolist()
-    if isinstance(held, _Encoded):
-        return held.data_url()
-    return None

@@ -1,4 +1,7 @@
-"""Inference: onnxruntime sessions and the bundle's pre/post-processing, in numpy and tokenizers only."""
+"""Inference: onnxruntime sessions and the bundle's pre/post-processing, in numpy and tokenizers only.
+
+The tasks this agent serves are registered here, one line each (:mod:`edge_agent.runtime.task`).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,23 @@ from pathlib import Path
 from edge_agent.protocol.manifest import Manifest
 from edge_agent.runtime.classifier import Classifier, HealthCheckError, InputError, Prediction, softmax
 from edge_agent.runtime.holder import ModelHolder
-from edge_agent.runtime.image import ImageClassifier
+from edge_agent.runtime.image import ImageClassification, ImageClassifier
 from edge_agent.runtime.imagecodec import DecodedImage, ImageDecodeError
 from edge_agent.runtime.session import ModelLoadError, ProviderSpec, choose_providers, open_session
-from edge_agent.runtime.text import TextClassifier
+from edge_agent.runtime.task import (
+    InputLimits,
+    InputTooLarge,
+    ProtocolInput,
+    SampleInput,
+    Task,
+    register_task,
+    registered_tasks,
+    task_for,
+)
+from edge_agent.runtime.text import TextClassification, TextClassifier
+
+register_task(TextClassification())
+register_task(ImageClassification())
 
 
 def load_classifier(
@@ -24,14 +40,9 @@ def load_classifier(
     allow_spinning: bool = False,
 ) -> Classifier:
     """The classifier for the bundle's task."""
-    kinds: dict[str, type[Classifier]] = {
-        "text-classification": TextClassifier,
-        "image-classification": ImageClassifier,
-    }
-    kind = kinds[manifest.task]
-    return kind(
-        bundle_dir=bundle_dir,
-        manifest=manifest,
+    return task_for(manifest.task).load(
+        bundle_dir,
+        manifest,
         providers=providers,
         intra_op_threads=intra_op_threads,
         inter_op_threads=inter_op_threads,
@@ -43,15 +54,25 @@ __all__ = [
     "Classifier",
     "DecodedImage",
     "HealthCheckError",
+    "ImageClassification",
     "ImageClassifier",
     "ImageDecodeError",
     "InputError",
+    "InputLimits",
+    "InputTooLarge",
     "ModelHolder",
     "ModelLoadError",
     "Prediction",
+    "ProtocolInput",
+    "SampleInput",
+    "Task",
+    "TextClassification",
     "TextClassifier",
     "choose_providers",
     "load_classifier",
     "open_session",
+    "register_task",
+    "registered_tasks",
     "softmax",
+    "task_for",
 ]

@@ -107,7 +107,12 @@ class Classifier(ABC):
             raise HealthCheckError(f"golden vectors {path.name} are unreadable: {exc}") from None
         if not inputs:
             raise HealthCheckError("golden vectors hold no inputs")
-        actual = self.probabilities(inputs)
+        try:
+            actual = self.probabilities(inputs)
+        except InputError as exc:  # a golden image this device cannot decode, a raw array of the wrong shape
+            raise HealthCheckError(f"golden inputs cannot be pre-processed on this device: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's error types are not public API; any failure here fails the check
+            raise HealthCheckError(f"the model fails on its golden inputs: {type(exc).__name__}: {exc}") from None
         if actual.shape != expected.shape:
             raise HealthCheckError(f"model output shape {actual.shape} differs from golden {expected.shape}")
         if not np.isfinite(actual).all():

@@ -8,7 +8,9 @@ are the tokens it is served with, head+tail truncation included.
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +19,7 @@ import numpy as np
 from edge_agent.protocol.manifest import Manifest, TextPreprocessing, safe_relative_path
 from edge_agent.runtime.classifier import Classifier, Feeds, InputError
 from edge_agent.runtime.session import ModelLoadError, ProviderSpec
+from edge_agent.runtime.task import InputLimits, InputTooLarge, ProtocolInput, Task
 
 if TYPE_CHECKING:
     from tokenizers import Encoding, Tokenizer
@@ -136,3 +139,56 @@ class TextClassifier(Classifier):
 
     def golden_inputs(self, records: list[Any]) -> list[Any]:
         return [str(r) for r in records]
+
+
+def encodable(text: str) -> bool:
+    """Whether ``text`` is valid Unicode (a JSON "\\ud800" escape decodes to a lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class HeldText:
+    """A text as sampling remembers it: the string itself."""
+
+    text: str
+
+    @property
+    def nbytes(self) -> int:
+        return sys.getsizeof(self.text)
+
+    def record_fields(self) -> dict[str, Any]:
+        return {"text": self.text}
+
+
+class TextClassification(Task):
+    """``text-classification``: strings in (``{"texts": [...]}``; BYTES ``text`` on the inference
+    protocol), tokenized by the bundle's tokenizer; a sample keeps the text."""
+
+    name = "text-classification"
+    classifier = TextClassifier
+    field = "texts"
+    item_kinds = "strings"
+
+    def items_valid(self, items: Any) -> bool:
+        return isinstance(items, list) and all(isinstance(t, str) for t in items)
+
+    def prepare(self, items: list[Any], model: Classifier, limits: InputLimits) -> list[Any]:
+        """Texts the tokenizer can take, within ``limits``; else an error naming the first bad one."""
+        for index, text in enumerate(items):
+            if not isinstance(text, str):
+                raise InputError(f"texts[{index}] is not a string")
+            if len(text) > limits.max_text_chars:
+                raise InputTooLarge(f"texts[{index}] has {len(text)} characters; the limit is {limits.max_text_chars}")
+            if not encodable(text):
+                raise InputError(f"texts[{index}] is not valid Unicode (a lone surrogate?)")
+        return items
+
+    def protocol_input(self, manifest: Manifest) -> ProtocolInput:
+        return ProtocolInput(name="text", datatype="BYTES", dims=[])
+
+    def sample_input(self, item: Any) -> HeldText:
+        return HeldText(item)

@@ -50,11 +50,12 @@ import httptools
 from edge_agent import __version__
 from edge_agent.config import HttpConfig, ServingConfig
 from edge_agent.runtime import Classifier, ModelHolder
+from edge_agent.runtime.text import encodable
 from edge_agent.sampling import Sampler, UnknownPrediction
 from edge_agent.serving import kserve
 from edge_agent.serving.batcher import Batcher
 from edge_agent.serving.metrics import ServingMetrics
-from edge_agent.serving.service import InferenceService, RequestError, encodable, loads_json, prediction_dicts
+from edge_agent.serving.service import InferenceService, RequestError, loads_json
 
 log = logging.getLogger(__name__)
 
@@ -381,7 +382,7 @@ class InferenceServer:
             "model": self.model_name,
             "version": version,
             "inference_ms": elapsed_ms,
-            "predictions": prediction_dicts(predictions, ids, top_k=parsed.top_k),
+            "predictions": self.service.task(model).reply(predictions, ids, top_k=parsed.top_k),
         })  # fmt: skip
 
     def _feedback(self, request: Request) -> Response:

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edge_agent.protocol.manifest import ImagePreprocessing, Manifest
-from edge_agent.runtime.classifier import Prediction
+from edge_agent.protocol.manifest import Manifest
+from edge_agent.runtime import Prediction, ProtocolInput, task_for
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "statistics"]
@@ -70,12 +70,14 @@ class InferenceStats:
         self.last_inference_ms = int(time.time() * 1000)
 
 
+def protocol_input(manifest: Manifest) -> ProtocolInput:
+    """The model's one input, as its task declares it (:meth:`edge_agent.runtime.Task.protocol_input`)."""
+    return task_for(manifest.task).protocol_input(manifest)
+
+
 def input_spec(manifest: Manifest) -> dict[str, Any]:
-    pre = manifest.preprocessing
-    if isinstance(pre, ImagePreprocessing):
-        dims = [pre.height, pre.width] + ([pre.channels] if pre.channels > 1 else [])
-        return {"name": "image", "datatype": "FP32", "shape": [-1, *dims]}
-    return {"name": "text", "datatype": "BYTES", "shape": [-1]}
+    spec = protocol_input(manifest)
+    return {"name": spec.name, "datatype": spec.datatype, "shape": [-1, *spec.dims]}
 
 
 def model_metadata(name: str, manifest: Manifest) -> dict[str, Any]:
@@ -94,11 +96,11 @@ def model_metadata(name: str, manifest: Manifest) -> dict[str, Any]:
 
 def model_config(name: str, manifest: Manifest, max_batch: int) -> dict[str, Any]:
     """The Triton model configuration (``GET /v2/models/{name}/config``) as far as it fits this server."""
-    spec = input_spec(manifest)
-    if spec["datatype"] == "BYTES":
-        model_input = {"name": "text", "data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}}
+    spec = protocol_input(manifest)
+    if spec.datatype == "BYTES":
+        model_input = {"name": spec.name, "data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}}
     else:
-        model_input = {"name": "image", "data_type": "TYPE_FP32", "dims": spec["shape"][1:]}
+        model_input = {"name": spec.name, "data_type": f"TYPE_{spec.datatype}", "dims": spec.dims}
     return {
         "name": name,
         "platform": "onnxruntime_onnx",
@@ -170,14 +172,14 @@ def decode_request(body: bytes, header_length: str | None, manifest: Manifest, *
         raise ProtocolViolation("request is JSON nested too deep") from None
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise ProtocolViolation('request must be a JSON object with an "inputs" list')
-    spec = input_spec(manifest)
+    spec = protocol_input(manifest)
     tensors = {t.get("name"): t for t in request["inputs"] if isinstance(t, dict)}
     if len(tensors) != len(request["inputs"]):
         raise ProtocolViolation("every input must be an object with a unique name")
-    if set(tensors) != {spec["name"]}:
-        raise ProtocolViolation(f"this model takes exactly one input {spec['name']!r}; got {sorted(map(str, tensors))}")
-    tensor = tensors[spec["name"]]
-    inputs = _decode_tensor(tensor, binary, spec, manifest, max_items=max_items)
+    if set(tensors) != {spec.name}:
+        raise ProtocolViolation(f"this model takes exactly one input {spec.name!r}; got {sorted(map(str, tensors))}")
+    tensor = tensors[spec.name]
+    inputs = _decode_tensor(tensor, binary, spec, max_items=max_items)
     outputs = request.get("outputs") or []
     if not isinstance(outputs, list) or not all(isinstance(o, dict) and "name" in o for o in outputs):
         raise ProtocolViolation('"outputs" must be a list of objects with a name')
@@ -206,9 +208,7 @@ def _class_count(output: dict[str, Any], classes: int) -> int:
     return count
 
 
-def _decode_tensor(
-    tensor: dict[str, Any], binary: bytes, spec: dict[str, Any], manifest: Manifest, *, max_items: int
-) -> list[Any]:
+def _decode_tensor(tensor: dict[str, Any], binary: bytes, spec: ProtocolInput, *, max_items: int) -> list[Any]:
     name = tensor["name"]
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
@@ -221,9 +221,9 @@ def _decode_tensor(
         )
     count = int(np.prod(shape))
     size = (tensor.get("parameters") or {}).get("binary_data_size")
-    if spec["datatype"] == "BYTES":
+    if spec.datatype == "BYTES":
         return _decode_texts(tensor, binary, shape, count, size)
-    if tensor.get("datatype") == "BYTES":
+    if tensor.get("datatype") == "BYTES" and spec.encoded_bytes:
         return _decode_encoded_images(tensor, binary, shape, count, size)
     return _decode_numeric(tensor, binary, spec, shape, count=count, size=size)
 
@@ -260,13 +260,13 @@ def _decode_texts(tensor: dict[str, Any], binary: bytes, shape: list[int], count
 
 
 def _decode_numeric(
-    tensor: dict[str, Any], binary: bytes, spec: dict[str, Any], shape: list[int], *, count: int, size: int | None
+    tensor: dict[str, Any], binary: bytes, spec: ProtocolInput, shape: list[int], *, count: int, size: int | None
 ) -> list[Any]:
     name, datatype = tensor["name"], tensor.get("datatype")
     dtype = NUMERIC.get(str(datatype))
     if dtype is None:
         raise ProtocolViolation(f"input {name!r}: datatype {datatype} is not numeric ({', '.join(NUMERIC)})")
-    expected = spec["shape"][1:]
+    expected = spec.dims
     if list(shape[1:]) != expected:
         raise ProtocolViolation(f"input {name!r}: shape {shape} does not match [N, {', '.join(map(str, expected))}]")
     if size is not None:

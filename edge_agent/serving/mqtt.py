@@ -16,8 +16,8 @@ from concurrent.futures import Future
 from http import HTTPStatus
 
 from edge_agent.protocol.telemetry import InferenceReply
-from edge_agent.runtime import Prediction
-from edge_agent.serving.service import InferenceService, RequestError, prediction_dicts
+from edge_agent.runtime import Prediction, Task
+from edge_agent.serving.service import InferenceService, RequestError
 from edge_agent.transport import MqttTransport, TransportError, filter_problem
 
 log = logging.getLogger(__name__)
@@ -59,12 +59,13 @@ class MqttInference:
         service = self._service
 
         top_k: int | None = None
+        task: Task | None = None
 
         def reply(status: HTTPStatus, *, version: int | None = None, predictions: list[Prediction] | None = None,
                   error: str | None = None, ids: list[str] | None = None) -> None:  # fmt: skip
             body = InferenceReply(
                 status=int(status), model=service.model_name, version=version, error=error,
-                predictions=prediction_dicts(predictions or [], ids, top_k=top_k),
+                predictions=task.reply(predictions, ids, top_k=top_k) if task and predictions else [],
             )  # fmt: skip
             try:
                 self._transport.publish_response(
@@ -77,6 +78,7 @@ class MqttInference:
 
         try:
             model = service.model()
+            task = service.task(model)
             parsed = service.parse_predict(payload, model)
             inputs, top_k = parsed.inputs, parsed.top_k
             future = service.submit(inputs)

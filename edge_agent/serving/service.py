@@ -27,7 +27,17 @@ from http import HTTPStatus
 from typing import Any
 
 from edge_agent.config import HttpConfig, ServingConfig
-from edge_agent.runtime import Classifier, ImageClassifier, InputError, ModelHolder, Prediction
+from edge_agent.runtime import (
+    Classifier,
+    InputError,
+    InputLimits,
+    InputTooLarge,
+    ModelHolder,
+    Prediction,
+    Task,
+    task_for,
+)
+from edge_agent.runtime.task import classification_reply
 from edge_agent.sampling import Sampler, prediction_ids
 from edge_agent.serving.batcher import Batcher, ModelFailure, NoModel, Overloaded
 from edge_agent.serving.kserve import InferenceStats
@@ -79,43 +89,6 @@ def multipart_images(body: bytes, content_type: str) -> dict[str, Any]:
     return form
 
 
-def encodable(text: str) -> bool:
-    """Whether ``text`` is valid Unicode (a JSON "\\ud800" escape decodes to a lone surrogate)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def check_texts(texts: list[Any], config: HttpConfig) -> None:
-    """Texts the tokenizer can take, within the configured size; else a 4xx naming the first bad one."""
-    for index, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise RequestError(HTTPStatus.BAD_REQUEST, f"texts[{index}] is not a string")
-        if len(text) > config.max_text_chars:
-            raise RequestError(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                f"texts[{index}] has {len(text)} characters; the limit is {config.max_text_chars}",
-            )
-        if not encodable(text):
-            raise RequestError(HTTPStatus.BAD_REQUEST, f"texts[{index}] is not valid Unicode (a lone surrogate?)")
-
-
-def check_images(images: list[Any], model: Classifier) -> list[Any]:
-    """Encoded images decoded, and everything of the model's shape and finite, else a 400: decided
-    before a batch is formed, so one bad request never reaches onnxruntime beside another. Returns
-    the inputs with each encoded image decoded once (:meth:`ImageClassifier.prepare`)."""
-    try:
-        prepared: list[Any] = model.prepare(images) if isinstance(model, ImageClassifier) else images
-        model.feeds(prepared)
-    except InputError as exc:
-        raise RequestError(HTTPStatus.BAD_REQUEST, str(exc)) from None
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"images are not numeric arrays: {exc}") from None
-    return prepared
-
-
 @dataclass(frozen=True)
 class PredictRequest:
     """A validated ``/v1/predict`` body: the inputs (encoded images decoded) and how many scores to return."""
@@ -135,21 +108,9 @@ def parse_top_k(value: Any, classes: int) -> int | None:
     return value
 
 
-def prediction_dicts(
-    predictions: list[Prediction], ids: list[str] | None, *, top_k: int | None = None
-) -> list[dict[str, Any]]:
-    """Predictions as JSON objects; each with its ``id`` when the sampler gave one (feedback names it).
-
-    With ``top_k``, ``scores`` holds only the ``top_k`` best labels, best first."""
-    out: list[dict[str, Any]] = []
-    for p in predictions:
-        scores = p.scores
-        if top_k is not None:
-            scores = dict(sorted(scores.items(), key=lambda item: -item[1])[:top_k])
-        out.append({"label": p.label, "score": p.score, "scores": scores})
-    for item, prediction_id in zip(out, ids or [], strict=False):
-        item["id"] = prediction_id
-    return out
+prediction_dicts = classification_reply
+"""Predictions as JSON objects (:func:`edge_agent.runtime.task.classification_reply`); a task's own
+answer is :meth:`edge_agent.runtime.Task.reply`."""
 
 
 class InferenceService:
@@ -192,6 +153,7 @@ class InferenceService:
             on_batch=self.metrics.batch_size.observe,
             workers=self.serving.workers,
         )
+        self._input_limits = InputLimits(max_text_chars=limits.max_text_chars)
         self._in_flight = 0  # requests inside infer(); touched only on the event loop's thread
         self.stats = InferenceStats()  # Triton's statistics extension
 
@@ -208,41 +170,42 @@ class InferenceService:
             raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, "no verified model is active yet")
         return model
 
+    def task(self, model: Classifier) -> Task:
+        """The model's task: how its requests are decoded, checked, answered and sampled."""
+        return task_for(model.manifest.task)
+
     def parse_predict(self, body: bytes, model: Classifier, *, content_type: str | None = None) -> PredictRequest:
-        """Validate a ``/v1/predict`` body for ``model``: JSON ``{"texts": [...]}`` or ``{"images": [...]}``
-        (each image a raw pixel array or a base64 JPEG/PNG), with an optional ``"top_k"``; or, for an
-        image model, ``multipart/form-data`` whose file parts are the images (and a ``top_k`` field)."""
+        """Validate a ``/v1/predict`` body for ``model``: a JSON object with the task's list
+        (``{"texts": [...]}``, or ``{"images": [...]}`` of raw pixel arrays or base64 JPEG/PNG) and an
+        optional ``"top_k"``; or, for a task that takes files (images), ``multipart/form-data`` whose
+        file parts are the inputs (and a ``top_k`` field)."""
         if len(body) > self.limits.max_body_bytes:
             raise RequestError(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 f"request of {len(body)} bytes; the limit is {self.limits.max_body_bytes}",
             )
-        task = model.manifest.task
-        key = "images" if task == "image-classification" else "texts"
+        task = self.task(model)
+        key = task.field
         if content_type is not None and content_type.lower().startswith("multipart/"):
-            if key != "images":
+            if not task.multipart:
                 raise RequestError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "multipart bodies are for image models")
             data: Any = multipart_images(body, content_type)
+            data[key] = data.pop("images")
         else:
             data = loads_json(body)
         if not isinstance(data, dict) or key not in data:
             raise RequestError(HTTPStatus.BAD_REQUEST, f'body must be a JSON object with a "{key}" list')
         items = data[key]
-        if key == "texts":
-            valid = isinstance(items, list) and all(isinstance(t, str) for t in items)
-            kind = "strings"
-        else:
-            valid = isinstance(items, list) and all(isinstance(i, (list, str, bytes)) for i in items)
-            kind = "pixel arrays or base64 JPEG/PNG strings"
-        if not valid:
-            raise RequestError(HTTPStatus.BAD_REQUEST, f'"{key}" must be a list of {kind}')
+        if not task.items_valid(items):
+            raise RequestError(HTTPStatus.BAD_REQUEST, f'"{key}" must be a list of {task.item_kinds}')
         top_k = parse_top_k(data.get("top_k"), len(model.labels))
         return PredictRequest(self.check_inputs(items, model), top_k)
 
     def check_inputs(self, items: list[Any], model: Classifier) -> list[Any]:
-        """What every front end's inputs must pass before a batch: not empty, not too many, valid.
-        Returns the inputs to run (encoded images decoded)."""
-        noun = "images" if model.manifest.task == "image-classification" else "texts"
+        """What every front end's inputs must pass before a batch: not empty, not too many, valid
+        for the model's task. Returns the inputs to run (encoded images decoded)."""
+        task = self.task(model)
+        noun = task.field
         if not items:
             raise RequestError(HTTPStatus.BAD_REQUEST, f'"{noun}" is empty: nothing to classify')
         if len(items) > self.limits.max_texts:
@@ -250,10 +213,12 @@ class InferenceService:
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 f"{len(items)} {noun} in one request; the limit is {self.limits.max_texts}",
             )
-        if model.manifest.task == "image-classification":
-            return check_images(items, model)
-        check_texts(items, self.limits)
-        return items
+        try:
+            return task.prepare(items, model, self._input_limits)
+        except InputTooLarge as exc:
+            raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, str(exc)) from None
+        except InputError as exc:
+            raise RequestError(HTTPStatus.BAD_REQUEST, str(exc)) from None
 
     # -- running ----------------------------------------------------------------------------------
     def submit(self, inputs: list[Any]) -> Future[tuple[int, list[Prediction]]]:
@@ -335,7 +300,7 @@ class InferenceService:
         if self.sampler is None:
             return None
         try:
-            return self.sampler.observe(inputs, predictions, version, text=task == "text-classification", ids=ids)
+            return self.sampler.observe(inputs, predictions, version, task=task, ids=ids)
         except Exception:  # sampling must never fail a request
             log.exception("sampling failed")
             return None

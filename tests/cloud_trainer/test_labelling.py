@@ -28,7 +28,9 @@ def records(n: int, *, device: str = "dev-1") -> list[SampleRecord]:
     kept: list[SampleRecord] = []
     sampler = Sampler(rules=SamplingRules(random_rate=1.0), device=device, fleet="f", model="intents",
                       sink=kept.extend, seed=1)  # fmt: skip
-    sampler.observe([f"text {i}" for i in range(n)], [prediction({"a": 0.7, "b": 0.3})] * n, 1, text=True)
+    sampler.observe(
+        [f"text {i}" for i in range(n)], [prediction({"a": 0.7, "b": 0.3})] * n, 1, task="text-classification"
+    )
     return kept
 
 
@@ -78,7 +80,7 @@ def test_device_feedback_labels_a_stored_sample(tmp_path: Path) -> None:
     kept: list[SampleRecord] = []
     sampler = Sampler(rules=SamplingRules(random_rate=1.0), device="dev-1", fleet="f", model="intents",
                       sink=kept.extend, seed=1)  # fmt: skip
-    (pid,) = sampler.observe(["dim the lights"], [prediction({"a": 0.7, "b": 0.3})], 1, text=True)
+    (pid,) = sampler.observe(["dim the lights"], [prediction({"a": 0.7, "b": 0.3})], 1, task="text-classification")
     store.add_batch(batch_of(kept[:1]))
     feedback = sampler.feedback(pid, "lights_dim")
     store.add_batch(batch_of([feedback]))

@@ -51,7 +51,7 @@ def records(n: int, *, fleet: str = "f", device: str = "dev-1", start: int = 0) 
                       sink=kept.extend, seed=1)  # fmt: skip
     scores = {"lights_on": 0.7, "lights_off": 0.3}
     prediction = Prediction(label="lights_on", score=0.7, scores=scores)
-    sampler.observe([f"text {start + i}" for i in range(n)], [prediction] * n, 1, text=True)
+    sampler.observe([f"text {start + i}" for i in range(n)], [prediction] * n, 1, task="text-classification")
     return kept
 
 

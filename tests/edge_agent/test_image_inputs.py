@@ -245,7 +245,7 @@ def test_sampling_keeps_the_encoded_bytes(classifier: ImageClassifier) -> None:
     small = png(solid((30, 200, 30)))
     big = png(np.random.default_rng(2).integers(0, 256, size=(200, 200, 3)))  # noise: ~120 KB of PNG
     inputs = classifier.prepare([small, big, solid((0, 0, 9))[:16, :16].tolist()])
-    ids = sampler.observe(inputs, classifier.predict(inputs), 1, text=False)
+    ids = sampler.observe(inputs, classifier.predict(inputs), 1, task="image-classification")
     assert len(kept) == 3
     assert kept[0].image == "data:image/png;base64," + b64(small)  # the bytes as they came
     assert isinstance(kept[1].image, str) and kept[1].image.startswith("data:image/jpeg;base64,")

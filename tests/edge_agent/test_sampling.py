@@ -60,10 +60,10 @@ def test_a_record_the_wire_contract_refuses_is_skipped_not_the_request() -> None
     kept: list[SampleRecord] = []
     sampler = make_sampler(SamplingRules(random_rate=1.0), kept)
     odd = prediction({"bell\x07": 0.6, "ok": 0.4})  # a model label with a control character
-    ids = sampler.observe(["ring"], [odd], 1, text=True)
+    ids = sampler.observe(["ring"], [odd], 1, task="text-classification")
     assert len(ids) == 1 and sampler.remembers(ids[0])  # the prediction and its id are unaffected
     assert (kept, sampler.invalid) == ([], 1)
-    sampler.observe(["fine"], [prediction({"ok": 0.7, "no": 0.3})], 1, text=True)
+    sampler.observe(["fine"], [prediction({"ok": 0.7, "no": 0.3})], 1, task="text-classification")
     assert len(kept) == 1
 
 
@@ -74,13 +74,13 @@ def test_sampler_keeps_hard_examples_within_hourly_caps() -> None:
     unsure_a = prediction({"a": 0.5, "b": 0.5})
     unsure_b = prediction({"b": 0.55, "a": 0.45})
     sure = prediction({"a": 0.99, "b": 0.01})
-    ids = sampler.observe(["x"] * 6, [unsure_a] * 5 + [sure], 3, text=True)
+    ids = sampler.observe(["x"] * 6, [unsure_a] * 5 + [sure], 3, task="text-classification")
     assert len(set(ids)) == 6
     assert [r.prediction_id for r in kept] == ids[:3]  # per class cap: 3 of class a
-    sampler.observe(["y"] * 4, [unsure_b] * 4, 3, text=True)
+    sampler.observe(["y"] * 4, [unsure_b] * 4, 3, task="text-classification")
     assert len(kept) == 5  # overall cap: 5 an hour
     clock.now += 3601  # the window slides
-    sampler.observe(["z"], [unsure_a], 3, text=True)
+    sampler.observe(["z"], [unsure_a], 3, task="text-classification")
     assert len(kept) == 6
     record = kept[0]
     assert (record.text, record.version, record.reasons, record.kind) == ("x", 3, ["low_confidence"], "sample")
@@ -90,12 +90,12 @@ def test_sampler_keeps_hard_examples_within_hourly_caps() -> None:
 def test_feedback_names_a_recent_prediction_and_carries_its_input() -> None:
     kept: list[SampleRecord] = []
     sampler = make_sampler(SamplingRules(enabled=False), kept)
-    ids = sampler.observe(["turn it up", "dim"], [prediction({"a": 0.9, "b": 0.1})] * 2, 2, text=True)
+    ids = sampler.observe(["turn it up", "dim"], [prediction({"a": 0.9, "b": 0.1})] * 2, 2, task="text-classification")
     assert kept == []  # sampling off: nothing kept, but predictions are remembered for feedback
     record = sampler.feedback(ids[1], "lights_dim")
     assert (record.kind, record.label, record.text, record.prediction_id) == ("feedback", "lights_dim", "dim", ids[1])
     assert record.id != ids[1] and kept == [record]
-    sampler.observe(["more"] * 8, [prediction({"a": 0.9, "b": 0.1})] * 8, 2, text=True)  # remembers 8
+    sampler.observe(["more"] * 8, [prediction({"a": 0.9, "b": 0.1})] * 8, 2, task="text-classification")  # remembers 8
     with pytest.raises(UnknownPrediction, match="unknown or too old"):
         sampler.feedback(ids[0], "x")
 
@@ -116,7 +116,9 @@ def test_remembered_images_stay_within_the_byte_bound_and_feedback_still_carries
     before = tracemalloc.get_traced_memory()[0]
     for i in range(1000):  # as JSON gives them (nested int lists) and as KServe does (float32 arrays)
         pixels = rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)
-        ids += sampler.observe([pixels.tolist() if i % 2 else pixels.astype(np.float32)], [unsure], 4, text=False)
+        ids += sampler.observe(
+            [pixels.tolist() if i % 2 else pixels.astype(np.float32)], [unsure], 4, task="image-classification"
+        )
         assert sampler.remembered[1] <= bound
     held = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
@@ -131,7 +133,7 @@ def test_remembered_images_stay_within_the_byte_bound_and_feedback_still_carries
 
     later = rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)
     as_json, as_array = later.tolist(), later.astype(np.float32) + 0.5
-    pair = sampler.observe([as_json, as_array], [unsure] * 2, 5, text=False)
+    pair = sampler.observe([as_json, as_array], [unsure] * 2, 5, task="image-classification")
     from_json, from_array = sampler.feedback(pair[0], "b"), sampler.feedback(pair[1], "c")
     assert from_json.image == as_json and from_array.image == as_array.tolist()  # as the inputs were before
     assert json.dumps(from_json.image) == json.dumps(as_json)  # ints stay ints
@@ -143,7 +145,7 @@ def test_remembered_images_stay_within_the_byte_bound_and_feedback_still_carries
 def test_remembered_inputs_are_held_compactly_and_exactly() -> None:
     import numpy as np
 
-    from edge_agent.sampling import _Pixels
+    from edge_agent.runtime.image import HeldPixels
 
     cases = [
         ([[0, 17], [255, 3]], "uint8"),
@@ -156,11 +158,11 @@ def test_remembered_inputs_are_held_compactly_and_exactly() -> None:
         (np.float64([[np.nan, 1e10]]), "float32"),
     ]
     for value, dtype in cases:
-        pixels = _Pixels.of(value)
+        pixels = HeldPixels.of(value)
         original = value.tolist() if isinstance(value, np.ndarray) else value
         assert (str(pixels.array.dtype), json.dumps(pixels.tolist())) == (dtype, json.dumps(original))
     texts = make_sampler(SamplingRules(enabled=False), [])
-    texts.observe(["x" * 1000], [prediction({"a": 0.9, "b": 0.1})], 1, text=True)
+    texts.observe(["x" * 1000], [prediction({"a": 0.9, "b": 0.1})], 1, task="text-classification")
     assert 1000 < texts.remembered[1] < 1000 + 1024
 
 
@@ -187,7 +189,9 @@ def test_remote_policy_round_trip_and_bad_policy() -> None:
 
 def test_batch_wire_format_is_gzip_json_and_refuses_garbage() -> None:
     kept: list[SampleRecord] = []
-    make_sampler(SamplingRules(random_rate=1.0), kept).observe(["hi"], [prediction({"a": 1.0})], 1, text=True)
+    make_sampler(SamplingRules(random_rate=1.0), kept).observe(
+        ["hi"], [prediction({"a": 1.0})], 1, task="text-classification"
+    )
     batch = SampleBatch(device="dev-1", fleet="f", sent_at="2026-11-25T00:00:00+00:00", records=kept)
     wire = batch.to_bytes()
     assert wire[:2] == b"\x1f\x8b"

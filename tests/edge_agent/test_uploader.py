@@ -29,7 +29,7 @@ def records(n: int, *, noise: int = 0) -> list[SampleRecord]:
     prediction = Prediction(label="a", score=0.7, scores={"a": 0.7, "b": 0.3})
     texts = [f"turn on the lights {i} " + "".join(hashlib.sha256(b"%d-%d" % (i, j)).hexdigest()
              for j in range(noise // 64 + 1))[:noise] for i in range(n)]  # fmt: skip
-    sampler.observe(texts, [prediction] * n, 1, text=True)
+    sampler.observe(texts, [prediction] * n, 1, task="text-classification")
     return kept
 
 
