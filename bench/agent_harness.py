@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cloud_trainer.localbroker import free_port
+from cloud_trainer.demo.localbroker import free_port
 
 MODEL = "intents"
 
@@ -29,10 +29,10 @@ MODEL = "intents"
 def train_bundle(work: Path, *, run: str = "run", epochs: float = 8.0, seed: int | None = None) -> Path:
     """Fine-tune MiniLM on the packaged voice commands, export int8 and register the next version in
     ``work/registry``; returns the bundle directory. The run (with its ``val.csv``) is ``work/run``."""
-    from cloud_trainer.data import PACKAGED_DATASET
-    from cloud_trainer.registry import Registry
-    from cloud_trainer.runs import register_run, train_run
-    from cloud_trainer.train import TrainConfig
+    from cloud_trainer.releases.registry import Registry
+    from cloud_trainer.training.data import PACKAGED_DATASET
+    from cloud_trainer.training.runs import register_run, train_run
+    from cloud_trainer.training.train import TrainConfig
 
     options: dict[str, Any] = {"epochs": epochs, "progress": False}
     if seed is not None:

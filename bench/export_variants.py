@@ -59,10 +59,10 @@ def main() -> None:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from cloud_trainer.data import PACKAGED_DATASET, load_labelled
-    from cloud_trainer.metrics import classification_metrics
-    from cloud_trainer.runs import export_run, train_run
-    from cloud_trainer.train import TrainConfig
+    from cloud_trainer.training.data import PACKAGED_DATASET, load_labelled
+    from cloud_trainer.training.metrics import classification_metrics
+    from cloud_trainer.training.runs import export_run, train_run
+    from cloud_trainer.training.train import TrainConfig
     from edge_agent.runtime import TextClassifier
     from export.errors import AccuracyGateFailed
 

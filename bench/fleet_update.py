@@ -20,7 +20,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from cloud_trainer.localbroker import LocalBroker, free_port, start_local_broker
+from cloud_trainer.demo.localbroker import LocalBroker, free_port, start_local_broker
 
 GATE = 1.5  # accuracy points: one of the 70 validation texts; the versions here are measured, not judged
 
@@ -100,11 +100,11 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from cloud_trainer.data import PACKAGED_DATASET
-    from cloud_trainer.registry import Registry
-    from cloud_trainer.runs import register_run, train_run
-    from cloud_trainer.signing import generate_keypair
-    from cloud_trainer.train import TrainConfig
+    from cloud_trainer.releases.registry import Registry
+    from cloud_trainer.releases.signing import generate_keypair
+    from cloud_trainer.training.data import PACKAGED_DATASET
+    from cloud_trainer.training.runs import register_run, train_run
+    from cloud_trainer.training.train import TrainConfig
 
     work = args.workdir.resolve()
     shutil.rmtree(work, ignore_errors=True)

@@ -31,8 +31,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cloud_trainer.fleet import DeviceRow, FleetView, read_fleet
-from cloud_trainer.localbroker import start_local_broker
+from cloud_trainer.demo.localbroker import start_local_broker
+from cloud_trainer.fleet.view import DeviceRow, FleetView, read_fleet
 from edge_agent.protocol.topics import Topics
 from edge_agent.transport import MqttTransport
 
@@ -123,7 +123,7 @@ def main() -> None:
         assert len(rows) == args.devices, f"read {len(rows)} rows of {args.devices}"
         assert all(r.problem is None for r in rows)
         where = ["--fleet", fleet, "--broker", f"{broker.host}:{broker.port}"]
-        cli = [sys.executable, "-m", "cloud_trainer.cli", "fleet", "status", *where]
+        cli = [sys.executable, "-m", "cloud_trainer", "fleet", "status", *where]
         library = timed(lambda: read_fleet(host=broker.host, port=broker.port, fleet=fleet), args.repeat)
         as_json = timed(lambda: subprocess.run([*cli, "--json"], check=True, capture_output=True), args.repeat)
         as_table = timed(lambda: subprocess.run(cli, check=True, capture_output=True), args.repeat)

@@ -35,7 +35,7 @@ TEXTS = [
 def load(bundle: Path, providers: list[str], state: Path) -> tuple[object, float]:
     key = state / "keys" / "release.pub"  # the config needs a trusted key; a bundle on disk is no release
     if not key.exists():
-        from cloud_trainer.signing import generate_keypair
+        from cloud_trainer.releases.signing import generate_keypair
 
         key = generate_keypair(state / "keys")[1]
     config = parse_config(

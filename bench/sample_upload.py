@@ -17,9 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from cloud_trainer.collect import Collector
-from cloud_trainer.localbroker import start_local_broker
-from cloud_trainer.sample_store import SampleStore
+from cloud_trainer.demo.localbroker import start_local_broker
+from cloud_trainer.samples.collect import Collector
+from cloud_trainer.samples.store import SampleStore
 from edge_agent.outbox import Outbox
 from edge_agent.protocol import Topics
 from edge_agent.protocol.samples import SampleRecord, SamplingRules

@@ -226,10 +226,10 @@ def main() -> None:
     from tokenizers import Tokenizer
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-    from cloud_trainer.data import load_labelled
+    from cloud_trainer.demo.localbroker import start_local_broker
     from cloud_trainer.errors import BrokerError
-    from cloud_trainer.localbroker import start_local_broker
-    from cloud_trainer.signing import generate_keypair
+    from cloud_trainer.releases.signing import generate_keypair
+    from cloud_trainer.training.data import load_labelled
     from edge_agent.protocol import Topics
 
     work = args.workdir.resolve()

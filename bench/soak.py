@@ -13,7 +13,7 @@ pushes v1 (the agent fetches it over MQTT like a device), and then, until the ti
   topic, which the agent drops);
 - idle connections: one every ``--idle-every-s``, silent or stopped mid-request, each left open
   for ``--idle-hold-s`` and then closed by the client;
-- at ``--update-at`` of the run, a push of v2 (``cloud_trainer.publish.push_bundle``, a full
+- at ``--update-at`` of the run, a push of v2 (``cloud_trainer.releases.publish.push_bundle``, a full
   fine-tune with another seed: every chunk of the model changes); with ``--updates N``, then v1,
   v2, ... again, evenly over the rest of the run.
 
@@ -355,10 +355,10 @@ def prepare_bundles(work: Path, *, epochs: float, reuse: bool) -> tuple[Path, Pa
 
 
 def soak_main(args: argparse.Namespace) -> None:
-    from cloud_trainer.data import load_labelled
-    from cloud_trainer.localbroker import start_local_broker
-    from cloud_trainer.publish import push_bundle
-    from cloud_trainer.signing import generate_keypair
+    from cloud_trainer.demo.localbroker import start_local_broker
+    from cloud_trainer.releases.publish import push_bundle
+    from cloud_trainer.releases.signing import generate_keypair
+    from cloud_trainer.training.data import load_labelled
     from edge_agent.protocol import Topics
 
     work = args.workdir.resolve()

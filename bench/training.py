@@ -45,11 +45,11 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 
 def run_one(dataset: str, recipe: str, train_csv: Path, test_csv: Path, work: Path) -> dict[str, Any]:
-    from cloud_trainer.data import load_labelled
-    from cloud_trainer.evaluate import evaluate_source
-    from cloud_trainer.registry import Registry
-    from cloud_trainer.runs import register_run, train_run
-    from cloud_trainer.train import TrainConfig
+    from cloud_trainer.releases.registry import Registry
+    from cloud_trainer.training.data import load_labelled
+    from cloud_trainer.training.evaluate import evaluate_source
+    from cloud_trainer.training.runs import register_run, train_run
+    from cloud_trainer.training.train import TrainConfig
     from export.errors import AccuracyGateFailed
 
     run_dir = work / f"{dataset}-{recipe}"

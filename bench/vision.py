@@ -25,7 +25,7 @@ on a noisy grey ground, saved as JPEG). The held-out shapes score PyTorch, onnxr
 int8, and int8's top-1 agreement with fp32. Random convolutions are weak features, so the accuracy
 is low and int8 changes more predictions than it would in a pretrained network: the numbers
 describe this network, not ResNet-50 as people use it. Both bundles go through ``cloud-train import``
-(``cloud_trainer.importer``): onnx.checker, onnxruntime, the declared preprocessing (ImageNet mean and
+(``cloud_trainer.training.importer``): onnx.checker, onnxruntime, the declared preprocessing (ImageNet mean and
 std, Resize 256, crop 224) and golden PNGs, which each agent reproduces before it serves.
 
     .venv/bin/python bench/vision.py [--threads 2] [--requests 100] [--rounds 4] [--workdir runs/bench-vision]
@@ -213,8 +213,8 @@ def export_onnx(network: Any, path: Path) -> Path:
 def import_bundles(work: Path, onnx_file: Path, calibration: Path) -> tuple[Any, Any]:
     """``cloud-train import`` twice: fp32, then static int8 calibrated on ``calibration``. The int8
     gate's allowances are wide: the bench measures the drop (printed below), it does not judge it."""
-    from cloud_trainer.importer import ImportRequest, import_model
-    from cloud_trainer.registry import Registry
+    from cloud_trainer.releases.registry import Registry
+    from cloud_trainer.training.importer import ImportRequest, import_model
     from edge_agent.protocol import ImagePreprocessing
 
     pre = ImagePreprocessing(height=SIZE, width=SIZE, channels=3, resize=RESIZE, scale=1 / 255,
@@ -375,7 +375,7 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from cloud_trainer.signing import generate_keypair
+    from cloud_trainer.releases.signing import generate_keypair
 
     print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {args.threads} intra-op threads", flush=True)
     network = build_resnet50(args.threads)

@@ -1,17 +1,21 @@
 """cloud-train: the ML engineer's side of edgeloop.
 
-- :mod:`cloud_trainer.families`    the model families (text, digits, image): how each trains, exports, evaluates
-- :mod:`cloud_trainer.data`        labelled data sets and the stratified split
-- :mod:`cloud_trainer.train`       fine-tuning with the Hugging Face Trainer (text)
-- :mod:`cloud_trainer.runs`        a training run on disk, and its export to a bundle (text)
-- :mod:`cloud_trainer.images`      the image family: image data, preprocessing, fine-tuning, runs
-- :mod:`cloud_trainer.signing`     ed25519 release keys and sequence numbers
-- :mod:`cloud_trainer.publish`     pushing bundles and signed releases over MQTT
-- :mod:`cloud_trainer.chunk_gc`    clearing retained chunks no current release needs
-- :mod:`cloud_trainer.localbroker` a broker on localhost for the demo and tests
-- :mod:`cloud_trainer.demo`        the whole loop on one machine
-- :mod:`cloud_trainer.cli`         the ``cloud-train`` command
+One subpackage per part of the cloud side; arrows point one way (``cli`` and ``demo`` on top,
+``errors`` at the bottom):
 
+- :mod:`cloud_trainer.training`  data sets, the training plan, fine-tuning, evaluation, ``import``,
+  and the model families (``training.families``: text, digits, ``training.images``)
+- :mod:`cloud_trainer.releases`  the model registry, release keys and signing, push, chunk GC
+- :mod:`cloud_trainer.fleet`     the broker's PKI and device provisioning, the fleet view, rollouts,
+  the web dashboard (``fleet.dashboard``)
+- :mod:`cloud_trainer.samples`   the sample collector, the sample store, labelling export and import
+- :mod:`cloud_trainer.cli`       the ``cloud-train`` command (one module per part)
+- :mod:`cloud_trainer.demo`      the end-to-end demo and its broker on localhost; the product imports
+  it only in ``cloud-train demo``
+- :mod:`cloud_trainer.errors`    the error tree every part raises
+
+``training`` and ``fleet`` import ``releases``, which imports none of the others; ``samples`` and
+``training`` meet at one point (labelled samples as training data, ``--include-samples``).
 May import :mod:`export` and :mod:`edge_agent.protocol`; the edge never imports this package.
 """
 

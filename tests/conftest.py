@@ -20,8 +20,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from cloud_trainer.localbroker import LocalBroker
-from cloud_trainer.signing import generate_keypair
+from cloud_trainer.demo.localbroker import LocalBroker
+from cloud_trainer.releases.signing import generate_keypair
 from tests.ports import start_mosquitto
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -301,7 +301,7 @@ def serving_v1(
     tmp_path: Path, mosquitto: LocalBroker, fleet: str, keys: Keys, agent_process: Callable[..., AgentProcess]
 ) -> AgentProcess:
     """An agent process serving v1 of the tiny ``intents`` model, pushed to the whole fleet."""
-    from cloud_trainer.publish import push_bundle
+    from cloud_trainer.releases.publish import push_bundle
     from tests.tinymodel import make_tiny_bundle
 
     make_tiny_bundle(tmp_path / "v1", version=1)

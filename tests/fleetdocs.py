@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from cloud_trainer.signing import load_private_key, next_sequence, sign_release
+from cloud_trainer.releases.signing import load_private_key, next_sequence, sign_release
 from edge_agent.protocol import Release, Target
 from edge_agent.protocol.state import Availability, DeviceState
 from edge_agent.protocol.telemetry import Latency, Telemetry

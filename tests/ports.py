@@ -19,8 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
+from cloud_trainer.demo.localbroker import LocalBroker, free_port, start_local_broker
 from cloud_trainer.errors import BrokerError
-from cloud_trainer.localbroker import LocalBroker, free_port, start_local_broker
 
 T = TypeVar("T")
 

@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cloud_trainer.localbroker import LocalBroker
-from cloud_trainer.provision import Pki
+from cloud_trainer.demo.localbroker import LocalBroker
+from cloud_trainer.fleet.provision import Pki
 
 TEMPLATE = Path(__file__).parents[1] / "deploy" / "mosquitto" / "edgeloop.conf"
 

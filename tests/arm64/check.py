@@ -50,10 +50,10 @@ def say(text: str) -> None:
 
 def bundle(cache: Path) -> Path:
     """A MiniLM int8 bundle from a short fine-tune, built once per cache."""
-    from cloud_trainer.data import PACKAGED_DATASET
-    from cloud_trainer.registry import Registry
-    from cloud_trainer.runs import register_run, train_run
-    from cloud_trainer.train import TrainConfig
+    from cloud_trainer.releases.registry import Registry
+    from cloud_trainer.training.data import PACKAGED_DATASET
+    from cloud_trainer.training.runs import register_run, train_run
+    from cloud_trainer.training.train import TrainConfig
 
     registry = Registry(cache / "registry")
     if registry.versions("intents"):
@@ -107,12 +107,12 @@ def wait_serving(agent: subprocess.Popen[bytes], log: Path, timeout_s: float = 9
 
 
 def main() -> int:
-    from cloud_trainer.collect import Collector
-    from cloud_trainer.localbroker import start_local_broker
-    from cloud_trainer.provision import Pki
-    from cloud_trainer.publish import push_bundle
-    from cloud_trainer.sample_store import SampleStore
-    from cloud_trainer.signing import generate_keypair
+    from cloud_trainer.demo.localbroker import start_local_broker
+    from cloud_trainer.fleet.provision import Pki
+    from cloud_trainer.releases.publish import push_bundle
+    from cloud_trainer.releases.signing import generate_keypair
+    from cloud_trainer.samples.collect import Collector
+    from cloud_trainer.samples.store import SampleStore
     from edge_agent.protocol.manifest import Manifest
     from edge_agent.runtime import load_classifier
     from edge_agent.transport import MqttTransport

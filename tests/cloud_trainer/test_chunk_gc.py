@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from cloud_trainer.chunk_gc import GcResult, collect_garbage, parse_release, read_live_set
+from cloud_trainer.demo.localbroker import LocalBroker
 from cloud_trainer.errors import UnreadableRelease
-from cloud_trainer.localbroker import LocalBroker
-from cloud_trainer.publish import Publisher, PushResult, push_bundle
-from cloud_trainer.registry import Registry
-from cloud_trainer.signing import load_private_key, sign_release
+from cloud_trainer.releases.chunk_gc import GcResult, collect_garbage, parse_release, read_live_set
+from cloud_trainer.releases.publish import Publisher, PushResult, push_bundle
+from cloud_trainer.releases.registry import Registry
+from cloud_trainer.releases.signing import load_private_key, sign_release
 from edge_agent.protocol import MANIFEST_NAME, MalformedPayload, Manifest, Release, Target, Topics, sha256_bytes
 from tests.conftest import AgentProcess, Keys
 from tests.mqttclient import TestClient
@@ -168,7 +168,7 @@ def test_automatic_gc_failing_does_not_fail_the_push(
     push(bundles[0], mosquitto, fleet, keys)
     bad_topic = Topics(fleet=fleet).group_release("beta", "intents")
     publish_raw(mosquitto, bad_topic, b"{}")
-    with caplog.at_level(logging.WARNING, logger="cloud_trainer.chunk_gc"):
+    with caplog.at_level(logging.WARNING, logger="cloud_trainer.releases.chunk_gc"):
         result = push(bundles[1], mosquitto, fleet, keys)
     assert (result.release.version, result.chunks_cleared) == (2, 0)
     assert any(bad_topic in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records), caplog.text
@@ -227,7 +227,7 @@ def test_cli_chunks_gc_errors_are_one_line(mosquitto: LocalBroker, fleet: str) -
 def test_chunks_command_help_does_not_import_chunk_gc() -> None:
     code = (
         "import sys; from cloud_trainer.cli import build_parser; build_parser(); "
-        "print('cloud_trainer.chunk_gc' in sys.modules)"
+        "print('cloud_trainer.releases.chunk_gc' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

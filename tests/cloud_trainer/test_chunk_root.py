@@ -7,9 +7,9 @@ import secrets
 import time
 from pathlib import Path
 
-from cloud_trainer.chunk_gc import clear_legacy_chunks
-from cloud_trainer.localbroker import LocalBroker
-from cloud_trainer.publish import push_bundle
+from cloud_trainer.demo.localbroker import LocalBroker
+from cloud_trainer.releases.chunk_gc import clear_legacy_chunks
+from cloud_trainer.releases.publish import push_bundle
 from edge_agent.protocol.topics import Topics, chunk_root
 from tests.conftest import Keys
 from tests.mqttclient import TestClient

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cloud_trainer.registry import Registry
+from cloud_trainer.releases.registry import Registry
 from tests.ports import refused_port
 from tests.tinymodel import make_tiny_bundle
 

@@ -14,10 +14,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from cloud_trainer.dashboard import DashboardServer, DashboardService, Signing
-from cloud_trainer.dashboard.history import ErrorLog, History
-from cloud_trainer.fleet import DeviceRow
-from cloud_trainer.localbroker import LocalBroker
+from cloud_trainer.demo.localbroker import LocalBroker
+from cloud_trainer.fleet.dashboard import DashboardServer, DashboardService, Signing
+from cloud_trainer.fleet.dashboard.history import ErrorLog, History
+from cloud_trainer.fleet.view import DeviceRow
 from edge_agent.protocol.state import DeviceState
 from edge_agent.protocol.telemetry import Telemetry
 from edge_agent.protocol.topics import Topics

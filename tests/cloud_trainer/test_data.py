@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cloud_trainer.data import LabelledTexts, load_labelled, stratified_split
 from cloud_trainer.errors import DataError
+from cloud_trainer.training.data import LabelledTexts, load_labelled, stratified_split
 
 ROWS = [
     ("turn on the lights", "on"),

@@ -11,9 +11,9 @@ import pytest
 
 from cloud_trainer.cli import main
 from cloud_trainer.errors import CloudTrainError
-from cloud_trainer.evaluate import evaluate_predictions, evaluate_source, format_report, open_source
-from cloud_trainer.metrics import classification_metrics
-from cloud_trainer.registry import Registry
+from cloud_trainer.releases.registry import Registry
+from cloud_trainer.training.evaluate import evaluate_predictions, evaluate_source, format_report, open_source
+from cloud_trainer.training.metrics import classification_metrics
 from edge_agent.protocol import Manifest
 from edge_agent.runtime import load_classifier
 from tests.tinymodel import LABELS, make_tiny_bundle

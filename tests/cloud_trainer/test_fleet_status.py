@@ -14,9 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cloud_trainer.cli import main
-from cloud_trainer.fleet import DeviceRow, FleetView, read_fleet
-from cloud_trainer.localbroker import LocalBroker
-from cloud_trainer.publish import push_bundle
+from cloud_trainer.demo.localbroker import LocalBroker
+from cloud_trainer.fleet.view import DeviceRow, FleetView, read_fleet
+from cloud_trainer.releases.publish import push_bundle
 from edge_agent.protocol.topics import Topics
 from tests.conftest import AgentProcess, Keys
 from tests.mqttclient import TestClient

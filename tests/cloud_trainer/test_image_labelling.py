@@ -19,14 +19,14 @@ from PIL import Image
 
 from cloud_trainer.cli import main
 from cloud_trainer.errors import DataError
-from cloud_trainer.labelling import (
+from cloud_trainer.samples.labelling import (
     export_label_studio,
     label_studio_config,
     labelled_images,
     read_labels,
     write_image_folder,
 )
-from cloud_trainer.sample_store import SampleStore
+from cloud_trainer.samples.store import SampleStore
 from edge_agent.protocol.samples import SampleBatch, SampleRecord, SamplingRules
 from edge_agent.runtime import ImageClassifier
 from edge_agent.sampling import Sampler
@@ -139,7 +139,7 @@ def test_labels_come_back_from_label_studio_and_feed_training_as_images(
     assert read_labels(tmp_path / "min.json") == [(r.prediction_id, answers[r.prediction_id]) for r in records[3:]]
     assert store.set_labels(read_labels(tmp_path / "min.json")) == 2
 
-    with caplog.at_level(logging.WARNING, logger="cloud_trainer.labelling"):
+    with caplog.at_level(logging.WARNING, logger="cloud_trainer.samples.labelling"):
         pairs = labelled_images(store, "colours")
     assert "1 labelled image samples of colours skipped" in caplog.text
     as_dict = dict(pairs)

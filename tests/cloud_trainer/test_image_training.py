@@ -22,9 +22,10 @@ from PIL import Image
 
 from cloud_trainer.cli import main
 from cloud_trainer.errors import CloudTrainError, DataError
-from cloud_trainer.families import family, family_of_run, names
-from cloud_trainer.images.data import load_images, split_images
-from cloud_trainer.images.preprocessing import (
+from cloud_trainer.releases.registry import Registry
+from cloud_trainer.training.families import family, family_of_run, names
+from cloud_trainer.training.images.data import load_images, split_images
+from cloud_trainer.training.images.preprocessing import (
     Augmentation,
     augmented,
     decode,
@@ -32,9 +33,8 @@ from cloud_trainer.images.preprocessing import (
     preprocessing_from_processor,
     random_resized_box,
 )
-from cloud_trainer.images.runs import export_image_run, train_image_run
-from cloud_trainer.images.train import ImageTrainConfig
-from cloud_trainer.registry import Registry
+from cloud_trainer.training.images.runs import export_image_run, train_image_run
+from cloud_trainer.training.images.train import ImageTrainConfig
 from edge_agent.protocol import ImagePreprocessing, Lineage, Manifest
 from edge_agent.runtime import ImageClassifier
 from export.bundle import stage_bundle
@@ -414,7 +414,7 @@ def test_cli_refuses_foreign_flags_for_digits_and_dynamic_int8_for_images(
 
 
 def test_evaluate_names_an_image_the_device_cannot_decode(tmp_path: Path) -> None:
-    from cloud_trainer.evaluate import evaluate_file
+    from cloud_trainer.training.evaluate import evaluate_file
 
     pre = ImagePreprocessing(height=12, width=16, channels=3, scale=1 / 255, mean=[0.5] * 3, std=[0.5] * 3)
     mean_colour_bundle(tmp_path / "bundle", pre)

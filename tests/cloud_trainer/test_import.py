@@ -25,10 +25,10 @@ import torch
 from PIL import Image
 
 from cloud_trainer.cli import main
-from cloud_trainer.importer import ImportRequest, ModelImportError, import_model
-from cloud_trainer.localbroker import LocalBroker
-from cloud_trainer.publish import push_bundle
-from cloud_trainer.registry import Registry
+from cloud_trainer.demo.localbroker import LocalBroker
+from cloud_trainer.releases.publish import push_bundle
+from cloud_trainer.releases.registry import Registry
+from cloud_trainer.training.importer import ImportRequest, ModelImportError, import_model
 from edge_agent.protocol import ImagePreprocessing
 from edge_agent.runtime import ImageClassifier
 from tests.conftest import AgentProcess, Keys, http_json
@@ -65,7 +65,7 @@ def labels_file(tmp_path: Path) -> Path:
 
 
 def torch_network(reference: str) -> Any:
-    from cloud_trainer.importer import load_factory
+    from cloud_trainer.training.importer import load_factory
 
     return load_factory(reference)().eval()
 

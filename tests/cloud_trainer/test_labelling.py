@@ -12,8 +12,8 @@ import pyarrow.dataset as ds
 import pytest
 
 from cloud_trainer.errors import DataError
-from cloud_trainer.labelling import export_csv, export_label_studio, labelled_texts, read_labels
-from cloud_trainer.sample_store import SampleStore, SampleStoreError
+from cloud_trainer.samples.labelling import export_csv, export_label_studio, labelled_texts, read_labels
+from cloud_trainer.samples.store import SampleStore, SampleStoreError
 from edge_agent.protocol.samples import SampleBatch, SampleRecord, SamplingRules
 from edge_agent.runtime import Prediction
 from edge_agent.sampling import Sampler

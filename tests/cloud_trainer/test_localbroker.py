@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cloud_trainer.localbroker import start_local_broker
-from cloud_trainer.publish import push_bundle
+from cloud_trainer.demo.localbroker import start_local_broker
+from cloud_trainer.releases.publish import push_bundle
 from tests.conftest import AgentProcess, Keys, agent_toml
 from tests.ports import start_mosquitto
 from tests.tinymodel import make_tiny_bundle
@@ -49,7 +49,7 @@ def test_update_over_embedded_amqtt_broker(tmp_path: Path, keys: Keys) -> None:
 
 
 def test_asking_for_a_missing_broker_kind_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from cloud_trainer import localbroker
+    from cloud_trainer.demo import localbroker
     from cloud_trainer.errors import BrokerError
 
     monkeypatch.setattr(localbroker, "_mosquitto_binary", lambda: None)

@@ -12,7 +12,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from cloud_trainer.provision import Pki, ProvisionError, mosquitto_password_hash
+from cloud_trainer.fleet.provision import Pki, ProvisionError, mosquitto_password_hash
 from edge_agent.mqtt_security import load_mqtt_file
 from tests.conftest import Keys
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud_trainer.registry import Registry, RegistryError, diff, parse_ref
+from cloud_trainer.releases.registry import Registry, RegistryError, diff, parse_ref
 from tests.tinymodel import make_tiny_bundle
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from cloud_trainer.cli import main
-from cloud_trainer.localbroker import LocalBroker
-from cloud_trainer.publish import push_bundle
-from cloud_trainer.registry import Registry
-from cloud_trainer.rollout import RolloutSession
+from cloud_trainer.demo.localbroker import LocalBroker
+from cloud_trainer.fleet.rollout import RolloutSession
+from cloud_trainer.releases.publish import push_bundle
+from cloud_trainer.releases.registry import Registry
 from edge_agent.protocol.release import in_canary
 from tests.conftest import AgentProcess, Keys, agent_toml, http_json
 from tests.tinymodel import make_tiny_bundle

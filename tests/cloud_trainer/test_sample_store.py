@@ -23,10 +23,10 @@ import pyarrow.dataset as ds
 import pytest
 
 from cloud_trainer.cli import main as cloud_train
-from cloud_trainer.collect import Collector
-from cloud_trainer.localbroker import LocalBroker
-from cloud_trainer.publish import Publisher
-from cloud_trainer.sample_store import SampleStore
+from cloud_trainer.demo.localbroker import LocalBroker
+from cloud_trainer.releases.publish import Publisher
+from cloud_trainer.samples.collect import Collector
+from cloud_trainer.samples.store import SampleStore
 from edge_agent.protocol import Topics
 from edge_agent.protocol.errors import MalformedPayload
 from edge_agent.protocol.samples import (
@@ -237,7 +237,7 @@ def test_a_failure_writing_the_second_part_removes_the_first(tmp_path: Path, mon
 CRASH_IN_ADD_BATCH = """
 import os, signal, sys
 from pathlib import Path
-from cloud_trainer.sample_store import SampleStore
+from cloud_trainer.samples.store import SampleStore
 from edge_agent.protocol.samples import SampleBatch
 
 store = SampleStore(Path(sys.argv[1]))
@@ -400,8 +400,8 @@ def test_collector_refuses_bad_batches_whole_and_stores_nothing_of_them(
 COLLECTOR_THAT_HANGS_MID_BATCH = """
 import sys, time
 from pathlib import Path
-from cloud_trainer.collect import Collector
-from cloud_trainer.sample_store import SampleStore
+from cloud_trainer.samples.collect import Collector
+from cloud_trainer.samples.store import SampleStore
 
 root, host, port, fleet, client_id, marker, hang_at = sys.argv[1:]
 calls = []

@@ -8,8 +8,8 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from cloud_trainer.localbroker import LocalBroker
-from cloud_trainer.publish import push_bundle
+from cloud_trainer.demo.localbroker import LocalBroker
+from cloud_trainer.releases.publish import push_bundle
 from edge_agent.protocol import Target, Topics, in_canary, key_id_of, load_public_key, open_release, sha256_bytes
 from tests.conftest import Keys
 from tests.tinymodel import make_tiny_bundle

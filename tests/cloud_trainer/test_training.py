@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from safetensors.numpy import load_file
 
-from cloud_trainer.data import PACKAGED_DATASET, load_labelled, stratified_split
-from cloud_trainer.runs import export_run, train_run
-from cloud_trainer.train import TrainConfig, default_base_model, train_text_classifier
+from cloud_trainer.training.data import PACKAGED_DATASET, load_labelled, stratified_split
+from cloud_trainer.training.runs import export_run, train_run
+from cloud_trainer.training.train import TrainConfig, default_base_model, train_text_classifier
 from export.errors import AccuracyGateFailed
 
 pytestmark = pytest.mark.slow

@@ -10,8 +10,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cloud_trainer.fit import BestEpoch, WeightedLossTrainer, weighted_cross_entropy
-from cloud_trainer.plan import balanced_class_weights, choose_max_length, is_imbalanced, majority_baseline, percentile
+from cloud_trainer.training.fit import BestEpoch, WeightedLossTrainer, weighted_cross_entropy
+from cloud_trainer.training.plan import (
+    balanced_class_weights,
+    choose_max_length,
+    is_imbalanced,
+    majority_baseline,
+    percentile,
+)
 from edge_agent.protocol import Lineage, TextPreprocessing
 from edge_agent.runtime import load_classifier
 from edge_agent.runtime.text import TextEncoder
@@ -157,7 +163,7 @@ def test_majority_baseline() -> None:
 
 
 def test_the_linear_probe_fits_the_head_on_frozen_features() -> None:
-    from cloud_trainer.fit import linear_probe
+    from cloud_trainer.training.fit import linear_probe
 
     torch.manual_seed(0)
 

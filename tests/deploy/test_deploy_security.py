@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from cloud_trainer.cli import build_parser
-from cloud_trainer.collect import Collector
-from cloud_trainer.localbroker import free_port
-from cloud_trainer.provision import Pki
-from cloud_trainer.publish import push_bundle
-from cloud_trainer.sample_store import SampleStore
+from cloud_trainer.demo.localbroker import free_port
+from cloud_trainer.fleet.provision import Pki
+from cloud_trainer.releases.publish import push_bundle
+from cloud_trainer.samples.collect import Collector
+from cloud_trainer.samples.store import SampleStore
 from edge_agent.config import load_config
 from edge_agent.mqtt_security import MqttSecurity, load_mqtt_file
 from edge_agent.protocol import Topics
@@ -478,7 +478,7 @@ def test_collect_by_hand_finds_the_secret_group_and_a_guessing_device_gets_nothi
     import subprocess
     import sys
 
-    from cloud_trainer.cli_samples import resolve_share_group
+    from cloud_trainer.cli.samples import resolve_share_group
     from cloud_trainer.errors import CloudTrainError
     from tests.cloud_trainer.test_sample_store import batch_of, records
 
@@ -556,7 +556,7 @@ def test_no_device_can_take_over_another_identitys_client_id(deployment: Deploym
     b = deployment.device("cam-tb")
     a5_as_b = deployment.device("cam-ta", client_id="cam-tb")
     a5_as_collector = deployment.device("cam-ta", client_id="edgeloop-collector")
-    from cloud_trainer.collect import default_client_id
+    from cloud_trainer.samples.collect import default_client_id
 
     # The collector's guessable default id, as the outside probe used it: 3.1.1, clean_session false.
     a3 = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=default_client_id(),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud_trainer.provision import Pki
+from cloud_trainer.fleet.provision import Pki
 from tests.conftest import Keys
 
 ROOT = Path(__file__).parents[2]

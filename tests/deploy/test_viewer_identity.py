@@ -7,9 +7,9 @@ import json
 import time
 from pathlib import Path
 
-from cloud_trainer.fleet import FleetView
-from cloud_trainer.localbroker import free_port
-from cloud_trainer.provision import Pki
+from cloud_trainer.demo.localbroker import free_port
+from cloud_trainer.fleet.provision import Pki
+from cloud_trainer.fleet.view import FleetView
 from edge_agent.config import load_config
 from edge_agent.mqtt_security import MqttSecurity, load_mqtt_file
 from edge_agent.protocol.topics import Topics

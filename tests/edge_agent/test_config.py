@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud_trainer.signing import generate_keypair
+from cloud_trainer.releases.signing import generate_keypair
 from edge_agent.config import ConfigError, load_config
 from edge_agent.updater import load_verified
 from tests.tinymodel import make_tiny_bundle

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud_trainer.pki import CertificateAuthority, write_private
+from cloud_trainer.fleet.pki import CertificateAuthority, write_private
 from edge_agent.config import ConfigError, load_config
 from edge_agent.mqtt_security import MqttSecurity, load_mqtt_file
 from tests.conftest import Keys

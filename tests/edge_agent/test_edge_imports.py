@@ -56,7 +56,7 @@ print(json.dumps({"live": live, "loaded": loaded, "modules": len(sys.modules), "
 
 
 def test_importing_and_starting_the_agent_loads_nothing_heavy(tmp_path: Path) -> None:
-    from cloud_trainer.signing import generate_keypair
+    from cloud_trainer.releases.signing import generate_keypair
 
     _, public = generate_keypair(tmp_path)
     config = tmp_path / "agent.toml"

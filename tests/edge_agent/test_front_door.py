@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 
-from cloud_trainer.localbroker import LocalBroker
+from cloud_trainer.demo.localbroker import LocalBroker
 from edge_agent.config import HttpConfig
 from edge_agent.protocol import Manifest, Topics
 from edge_agent.runtime import ModelHolder, TextClassifier

@@ -18,7 +18,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from cloud_trainer.localbroker import LocalBroker
+from cloud_trainer.demo.localbroker import LocalBroker
 from edge_agent.config import HttpConfig
 from edge_agent.protocol import Manifest, Topics
 from edge_agent.runtime import ModelHolder, TextClassifier

@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 import jinja2
 
-from cloud_trainer.localbroker import LocalBroker
-from cloud_trainer.publish import push_bundle
+from cloud_trainer.demo.localbroker import LocalBroker
+from cloud_trainer.releases.publish import push_bundle
 from edge_agent.protocol.topics import Topics
 from tests.conftest import AgentProcess, Keys
 from tests.mqttclient import TestClient

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from cloud_trainer.localbroker import LocalBroker
-from cloud_trainer.publish import push_bundle
+from cloud_trainer.demo.localbroker import LocalBroker
+from cloud_trainer.releases.publish import push_bundle
 from tests.conftest import AgentProcess, Keys, StateListener
 from tests.tinymodel import make_tiny_bundle
 

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 
-from cloud_trainer.localbroker import LocalBroker
-from cloud_trainer.publish import push_bundle
+from cloud_trainer.demo.localbroker import LocalBroker
+from cloud_trainer.releases.publish import push_bundle
 from edge_agent.protocol import Topics
 from edge_agent.runtime import ImageClassifier
 from tests.conftest import AgentProcess, Keys, StateListener, http_json

@@ -12,7 +12,7 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 
-from cloud_trainer.cli import _export_precision
+from cloud_trainer.cli.training import _export_precision
 from cloud_trainer.errors import CloudTrainError
 from edge_agent.config import load_config
 from edge_agent.runtime.session import CPU, CUDA, TENSORRT, choose_providers, open_session, provider_specs

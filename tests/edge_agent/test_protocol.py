@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud_trainer.signing import generate_keypair, load_private_key, next_sequence, sign_release
+from cloud_trainer.releases.signing import generate_keypair, load_private_key, next_sequence, sign_release
 from edge_agent.protocol import (
     CHUNK_SIZE,
     IntegrityError,

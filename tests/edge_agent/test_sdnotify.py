@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cloud_trainer.localbroker import LocalBroker
-from cloud_trainer.publish import push_bundle
+from cloud_trainer.demo.localbroker import LocalBroker
+from cloud_trainer.releases.publish import push_bundle
 from edge_agent.sdnotify import Notifier
 from edge_agent.watchdog import Heartbeat, Watchdog
 from tests.conftest import AgentProcess, Keys, agent_toml, http_json

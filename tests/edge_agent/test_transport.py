@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from cloud_trainer.demo.localbroker import LocalBroker, mosquitto_config
 from cloud_trainer.errors import BrokerError
-from cloud_trainer.localbroker import LocalBroker, mosquitto_config
-from cloud_trainer.publish import Publisher
+from cloud_trainer.releases.publish import Publisher
 from edge_agent.transport import MqttTransport, TransportError
 from tests.edge_agent.test_update_attacks import dynsec_broker
 from tests.ports import retry_on_port_clash

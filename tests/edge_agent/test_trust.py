@@ -113,7 +113,7 @@ def test_no_copy_lowers_the_protection_of_another(tmp_path: Path) -> None:
 def test_reset_trust_unlocks_a_locked_device_and_refuses_to_touch_a_healthy_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from cloud_trainer.signing import generate_keypair
+    from cloud_trainer.releases.signing import generate_keypair
     from edge_agent.cli import main
 
     _, public = generate_keypair(tmp_path / "keys")

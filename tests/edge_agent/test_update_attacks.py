@@ -11,9 +11,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cloud_trainer.localbroker import LocalBroker, mosquitto_config
-from cloud_trainer.publish import Publisher
-from cloud_trainer.signing import load_private_key
+from cloud_trainer.demo.localbroker import LocalBroker, mosquitto_config
+from cloud_trainer.releases.publish import Publisher
+from cloud_trainer.releases.signing import load_private_key
 from edge_agent.protocol import Manifest, SignedEnvelope, Target, Topics, sha256_bytes
 from edge_agent.protocol.release import key_id_of
 from edge_agent.trust import BACKUP, PRIMARY

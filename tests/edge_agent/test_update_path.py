@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from cloud_trainer.demo.localbroker import LocalBroker
 from cloud_trainer.errors import BundleError
-from cloud_trainer.localbroker import LocalBroker
-from cloud_trainer.publish import Publisher, push_bundle
-from cloud_trainer.signing import generate_keypair, load_private_key, sign_release
+from cloud_trainer.releases.publish import Publisher, push_bundle
+from cloud_trainer.releases.signing import generate_keypair, load_private_key, sign_release
 from edge_agent.protocol import Release, Target, Topics, sha256_bytes
 from tests.conftest import AgentProcess, Keys, StateListener
 from tests.tinymodel import make_tiny_bundle

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from cloud_trainer.localbroker import LocalBroker
-from cloud_trainer.publish import Publisher, push_bundle
+from cloud_trainer.demo.localbroker import LocalBroker
+from cloud_trainer.releases.publish import Publisher, push_bundle
 from edge_agent.protocol import Manifest, Target, Topics
 from edge_agent.store import ModelStore
 from edge_agent.trust import TrustStore

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud_trainer.signing import generate_keypair, load_private_key, sign_release
+from cloud_trainer.releases.signing import generate_keypair, load_private_key, sign_release
 from edge_agent.config import AgentConfig
 from edge_agent.fetch import FetchCancelled
 from edge_agent.protocol import Manifest, Release, Target, Topics, iter_chunks, safe_relative_path, sha256_bytes

@@ -25,7 +25,7 @@ from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
-from cloud_trainer.localbroker import LocalBroker
+from cloud_trainer.demo.localbroker import LocalBroker
 from edge_agent.protocol.release import in_canary
 from edge_agent.protocol.state import Availability
 from edge_agent.protocol.topics import Topics

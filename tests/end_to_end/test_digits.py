@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from cloud_trainer.digits import LABELS, DigitsConfig, export_digits, load_split, train_digits
-from cloud_trainer.localbroker import LocalBroker
-from cloud_trainer.publish import push_bundle
-from cloud_trainer.registry import Registry
+from cloud_trainer.demo.localbroker import LocalBroker
+from cloud_trainer.releases.publish import push_bundle
+from cloud_trainer.releases.registry import Registry
+from cloud_trainer.training.digits import LABELS, DigitsConfig, export_digits, load_split, train_digits
 from export.errors import AccuracyGateFailed
 from tests.conftest import AgentProcess, Keys, http_json
 

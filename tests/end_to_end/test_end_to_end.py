@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from cloud_trainer.data import PACKAGED_DATASET, load_labelled
-from cloud_trainer.localbroker import LocalBroker
-from cloud_trainer.registry import Registry
-from cloud_trainer.runs import register_run, train_run
-from cloud_trainer.train import TrainConfig
+from cloud_trainer.demo.localbroker import LocalBroker
+from cloud_trainer.releases.registry import Registry
+from cloud_trainer.training.data import PACKAGED_DATASET, load_labelled
+from cloud_trainer.training.runs import register_run, train_run
+from cloud_trainer.training.train import TrainConfig
 from tests.conftest import AgentProcess, Keys, StateListener
 
 pytestmark = pytest.mark.slow
@@ -99,7 +99,7 @@ def test_push_and_serve_the_fine_tuned_model(
         assert abs(sum(prediction["scores"].values()) - 1) < 1e-4
 
     # `cloud-train evaluate` on the registered int8 version answers what the serving agent answers
-    from cloud_trainer.evaluate import open_source
+    from cloud_trainer.training.evaluate import open_source
 
     data = load_labelled(PACKAGED_DATASET)
     texts = [*data.texts[::6], "turn " * 300 + "the lights on"]  # 61 texts, one cut to its first 32 tokens

@@ -18,10 +18,10 @@ import pytest
 import tritonclient.http as triton
 
 from cloud_trainer.cli import main
-from cloud_trainer.images.data import load_images
-from cloud_trainer.localbroker import LocalBroker
-from cloud_trainer.publish import push_bundle
-from cloud_trainer.registry import Registry
+from cloud_trainer.demo.localbroker import LocalBroker
+from cloud_trainer.releases.publish import push_bundle
+from cloud_trainer.releases.registry import Registry
+from cloud_trainer.training.images.data import load_images
 from edge_agent.protocol import Topics
 from edge_agent.runtime import ImageClassifier
 from tests.conftest import AgentProcess, Keys, StateListener

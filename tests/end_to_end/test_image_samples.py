@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cloud_trainer.collect import Collector
-from cloud_trainer.labelling import export_label_studio, labelled_images
-from cloud_trainer.localbroker import LocalBroker
-from cloud_trainer.publish import push_bundle
-from cloud_trainer.sample_store import SampleStore
+from cloud_trainer.demo.localbroker import LocalBroker
+from cloud_trainer.releases.publish import push_bundle
+from cloud_trainer.samples.collect import Collector
+from cloud_trainer.samples.labelling import export_label_studio, labelled_images
+from cloud_trainer.samples.store import SampleStore
 from tests.conftest import AgentProcess, Keys, http_json
 from tests.end_to_end.test_sample_upload import SAMPLE_EVERYTHING, wait_until
 from tests.tinyimage import encode, make_colour_bundle, noise, solid

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from cloud_trainer.collect import Collector
-from cloud_trainer.data import PACKAGED_DATASET, load_labelled
-from cloud_trainer.localbroker import LocalBroker
-from cloud_trainer.sample_store import SampleStore
+from cloud_trainer.demo.localbroker import LocalBroker
+from cloud_trainer.samples.collect import Collector
+from cloud_trainer.samples.store import SampleStore
+from cloud_trainer.training.data import PACKAGED_DATASET, load_labelled
 from tests.conftest import AgentProcess, Keys, http_json
 
 pytestmark = pytest.mark.slow

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from cloud_trainer.collect import Collector
-from cloud_trainer.localbroker import LocalBroker
-from cloud_trainer.publish import push_bundle
-from cloud_trainer.sample_store import SampleStore
+from cloud_trainer.demo.localbroker import LocalBroker
+from cloud_trainer.releases.publish import push_bundle
+from cloud_trainer.samples.collect import Collector
+from cloud_trainer.samples.store import SampleStore
 from edge_agent.protocol import Topics
 from tests.conftest import AgentProcess, Keys, StateListener
 from tests.ports import start_mosquitto

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cloud_trainer.cli import main
-from cloud_trainer.registry import Registry
+from cloud_trainer.releases.registry import Registry
 from edge_agent.protocol import Manifest
 from export.bundle import write_manifest
 from export.errors import AccuracyGateFailed

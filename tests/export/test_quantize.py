@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from cloud_trainer.train import default_base_model
+from cloud_trainer.training.train import default_base_model
 from edge_agent.protocol import Lineage
 from edge_agent.runtime import TextClassifier
 from export.bundle import stage_text_bundle
