@@ -19,13 +19,14 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from edge_agent.protocol.samples import Reason, SampleRecord, SamplingRules
-from edge_agent.runtime import Prediction, SampleInput, Task, task_for
+from edge_agent.runtime import ClassificationTask, Prediction, Result, SampleInput, task_for
+from edge_agent.runtime.task import predictions_of
 
 HOUR_S = 3600.0
 ENTRY_OVERHEAD_BYTES = 640
@@ -57,7 +58,7 @@ class _Seen:
     size: int  # accounted bytes
 
     @classmethod
-    def of(cls, item: Any, prediction: Prediction, version: int, *, task: Task) -> _Seen:
+    def of(cls, item: Any, prediction: Prediction, version: int, *, task: ClassificationTask) -> _Seen:
         held = task.sample_input(item)
         size = held.nbytes + ENTRY_OVERHEAD_BYTES + SCORE_BYTES * len(prediction.scores)
         return cls(held, prediction, version, size)
@@ -168,7 +169,7 @@ class Sampler:
     def observe(
         self,
         inputs: list[Any],
-        predictions: list[Prediction],
+        results: Sequence[Result],
         version: int,
         *,
         task: str,
@@ -176,9 +177,13 @@ class Sampler:
     ) -> list[str]:
         """Record one request's predictions; return their ids (in order): ``ids`` if given (from
         :func:`prediction_ids`, when the reply went out first), else new ones. ``task`` is the
-        model's (the manifest's ``task``): it decides what is kept of each input."""
-        ids = ids if ids is not None else prediction_ids(len(predictions))
+        model's (the manifest's ``task``): it decides what is kept of each input. Only a
+        classifier's predictions are sampled (``TypeError`` for others: a tensor model's)."""
         kind = task_for(task)
+        if not isinstance(kind, ClassificationTask):
+            raise TypeError(f"{task} models are not sampled: the rules judge a classifier's scores")
+        predictions = predictions_of(results)
+        ids = ids if ids is not None else prediction_ids(len(predictions))
         seen = [_Seen.of(item, p, version, task=kind) for item, p in zip(inputs, predictions, strict=True)]
         chosen: list[tuple[str, _Seen, list[Reason]]] = []
         rules = self._rules

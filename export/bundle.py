@@ -14,6 +14,7 @@ from edge_agent.protocol import (
     ImagePreprocessing,
     Lineage,
     Manifest,
+    NoPreprocessing,
     TensorSpec,
     TextPreprocessing,
     iter_chunks,
@@ -44,7 +45,10 @@ def tensor_specs(model: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     def spec(arg: Any) -> TensorSpec:
         dtype = str(arg.type).removeprefix("tensor(").removesuffix(")")
         dtype = {"float": "float32", "double": "float64"}.get(dtype, dtype)
-        return TensorSpec(name=arg.name, dtype=dtype, shape=[d if isinstance(d, int) else str(d) for d in arg.shape])
+        # a dynamic axis without a name gets one of its own: two unnamed axes are not the same axis
+        shape = [d if isinstance(d, int) else str(d) if d is not None else f"{arg.name}:{axis}"
+                 for axis, d in enumerate(arg.shape)]  # fmt: skip
+        return TensorSpec(name=arg.name, dtype=dtype, shape=shape)
 
     return [spec(i) for i in session.get_inputs()], [spec(o) for o in session.get_outputs()]
 
@@ -54,7 +58,7 @@ def stage_bundle(
     *,
     model_file: Path,
     task: str,
-    preprocessing: TextPreprocessing | ImagePreprocessing,
+    preprocessing: TextPreprocessing | ImagePreprocessing | NoPreprocessing,
     model: str,
     version: int,
     labels: list[str],
@@ -143,6 +147,26 @@ def record_golden(bundle_dir: Path, manifest: Manifest, inputs: list[Any], *, me
     records = [i.tolist() if hasattr(i, "tolist") else i for i in inputs]
     golden = {"inputs": records, "probabilities": probabilities.round(6).tolist()}
     (bundle_dir / GOLDEN_FILE).write_text(json.dumps(golden, indent=1))
+    fields = manifest.model_dump(by_alias=False, exclude={"files"})
+    fields["metrics"] = metrics
+    return write_manifest(bundle_dir, fields)
+
+
+def write_tensor_golden(
+    bundle_dir: Path, manifest: Manifest, cases: list[tuple[dict[str, Any], dict[str, Any]]], *, metrics: dict[str, Any]
+) -> Manifest:
+    """A ``tensor`` bundle's golden vectors: each case's input and output arrays by name, as the
+    device reads them (:func:`edge_agent.runtime.tensor.tensor_record`); the manifest rewritten."""
+    from edge_agent.runtime.tensor import tensor_record
+
+    golden = {
+        "cases": [
+            {"inputs": {name: tensor_record(a) for name, a in inputs.items()},
+             "outputs": {name: tensor_record(a) for name, a in outputs.items()}}
+            for inputs, outputs in cases
+        ]
+    }  # fmt: skip
+    (bundle_dir / GOLDEN_FILE).write_text(json.dumps(golden))
     fields = manifest.model_dump(by_alias=False, exclude={"files"})
     fields["metrics"] = metrics
     return write_manifest(bundle_dir, fields)

@@ -1,10 +1,12 @@
 """``cloud-train import``: register an existing image classifier (an ONNX file, or a PyTorch module
-exported here) with its labels and the preprocessing it was trained with.
+exported here) with its labels and the preprocessing it was trained with; or, with ``--task tensor``,
+any ONNX model, served by its own signature (named tensors in, every output out).
 
 cloud-train import resnet18.onnx --labels labels.txt --model birds --preset imagenet
 cloud-train import --module mypkg.nets:build --labels labels.txt --model birds --size 224 --resize 256 \\
     --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --scale 1/255
 cloud-train import model.onnx --labels labels.txt --model parts --preset imagenet --calibration images/
+cloud-train import --task tensor ranker.onnx --model ranker [--golden-inputs case1.npz ...]
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ def preprocessing_from_args(args: argparse.Namespace, onnx_file: Path | None) ->
             mean=settings["mean"] if settings["mean"] is not None else [0.0] * channels,
             std=settings["std"] if settings["std"] is not None else [1.0] * channels,
             resize=settings["resize"],
-            resample=args.resample,
+            resample=args.resample or "bilinear",
             channel_order="BGR" if settings["channels"] == "BGR" else "RGB",
         )
     except ValidationError as exc:
@@ -129,13 +131,24 @@ def _size_from_onnx(path: Path, layout: str) -> tuple[int, int] | None:
     return (height, width) if height and width else None
 
 
+IMAGE_ONLY = ("labels", "module", "preset", "size", "resize", "no_resize", "scale", "mean", "std", "channels",
+              "layout", "resample", "calibration")  # fmt: skip
+"""The flags that describe an image classifier; ``--task tensor`` refuses them by name."""
+
+
 def _cmd_import(args: argparse.Namespace) -> int:
     from cloud_trainer.releases.registry import Registry, default_registry, parse_ref
     from cloud_trainer.training.importer import ImportRequest, ModelImportError, import_model, read_labels
 
     parse_ref(args.model)  # a name that fits topics and directories, or a one-line error
+    if args.task == "tensor":
+        return _import_tensor(args)
+    if args.golden_inputs:
+        raise ModelImportError("--golden-inputs: only for --task tensor (image models get synthetic PNGs)")
     if (args.onnx is None) == (args.module is None):
         raise ModelImportError("give either MODEL.onnx or --module package.module:factory (exactly one)")
+    if args.labels is None:
+        raise ModelImportError("--labels FILE is required for an image classifier (class names, one a line)")
     labels = read_labels(args.labels)
     request = ImportRequest(
         onnx_file=args.onnx,
@@ -163,20 +176,62 @@ def _cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_tensor(args: argparse.Namespace) -> int:
+    from cloud_trainer.releases.registry import Registry, default_registry
+    from cloud_trainer.training.importer import ModelImportError
+    from cloud_trainer.training.tensor_import import TensorImportRequest, import_tensor_model
+
+    foreign = [name for name in IMAGE_ONLY if getattr(args, name) not in (None, False)]
+    if foreign:
+        flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
+        raise ModelImportError(f"{flags}: not for --task tensor (a tensor model has no labels or preprocessing)")
+    if args.onnx is None:
+        raise ModelImportError("--task tensor takes an ONNX file: cloud-train import --task tensor MODEL.onnx")
+    request = TensorImportRequest(onnx_file=args.onnx, model=args.model, golden_inputs=args.golden_inputs or [])
+    entry = import_tensor_model(request, registry=Registry(args.registry or default_registry()), version=args.version)
+    report = entry.manifest.metrics["import"]
+
+    def signature(specs: list[dict[str, Any]]) -> str:
+        return ", ".join(f"{s['name']} {s['datatype']} {s['shape']}" for s in specs)
+
+    print(f"registered {entry.ref}: tensor model, {entry.manifest.total_bytes} bytes")
+    print(f"inputs: {signature(report['inputs'])}")
+    print(f"outputs: {signature(report['outputs'])}")
+    print(f"golden vectors: {report['golden_cases']} case(s) from {report['golden_inputs']}")
+    print(f"push it with: cloud-train push {entry.ref}")
+    return 0
+
+
 def add_import_command(sub: Any) -> None:
     p = sub.add_parser(
         "import",
-        help="register an existing image classifier (ONNX file or PyTorch module) with labels and preprocessing",
+        help="register an existing image classifier (ONNX file or PyTorch module) with labels and preprocessing, "
+        "or any ONNX model as a tensor model (--task tensor)",
         description="Check an existing image classifier with onnx.checker and onnxruntime, record golden "
-        "vectors and register it. Preprocessing: a --preset, overridden by the flags after it.",
+        "vectors and register it. Preprocessing: a --preset, overridden by the flags after it. With --task "
+        "tensor, any ONNX model: served by its own inputs and outputs, no labels, no preprocessing.",
     )
     p.add_argument("onnx", nargs="?", type=Path, metavar="MODEL.onnx", help="the ONNX model (or use --module)")
+    p.add_argument(
+        "--task",
+        choices=["image-classification", "tensor"],
+        default="image-classification",
+        help="image-classification (default: labels, preprocessing); tensor: named tensors in, every output out",
+    )
+    p.add_argument(
+        "--golden-inputs",
+        type=Path,
+        action="append",
+        metavar="FILE.npz",
+        help="tensor: one golden case's inputs (numpy.savez, arrays named by input); repeat for more "
+        "(default: two seeded random cases)",
+    )
     p.add_argument(
         "--module",
         metavar="PKG.MOD:FACTORY",
         help="a callable returning a torch.nn.Module (importable from here); exported with torch.onnx",
     )
-    p.add_argument("--labels", type=Path, required=True, metavar="FILE", help="class names, one a line, logit order")
+    p.add_argument("--labels", type=Path, metavar="FILE", help="class names, one a line, logit order (image models)")
     p.add_argument("--model", required=True, metavar="NAME", help="model name in the registry and the fleet")
     p.add_argument("--version", type=_positive, help="version to register (default: the next)")
     p.add_argument(
@@ -200,7 +255,6 @@ def add_import_command(sub: Any) -> None:
     p.add_argument(
         "--resample",
         choices=["bilinear", "bicubic", "nearest"],
-        default="bilinear",
         help="resize filter (default bilinear, as torchvision's Resize)",
     )
     p.add_argument(

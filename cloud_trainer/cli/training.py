@@ -110,7 +110,9 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--no-hflip", dest="hflip", action="store_false", default=None,
                    help="image: no horizontal flips (for digits, text, arrows: anything a mirror changes)")  # fmt: skip
     p.add_argument(
-        "--include-samples", metavar="MODEL", help="text: add MODEL's labelled fleet samples to the training split"
+        "--include-samples",
+        metavar="MODEL",
+        help="text, image: add MODEL's labelled fleet samples to the training split",
     )
     p.add_argument(
         "--samples-store", type=Path, help="sample store (default: $EDGELOOP_SAMPLES or ~/.edgeloop/samples)"

@@ -175,13 +175,11 @@ def export_module(network: Any, pre: ImagePreprocessing, out: Path) -> Path:
 
 
 # -- checks ---------------------------------------------------------------------------------------
-def check_onnx(path: Path, pre: ImagePreprocessing, labels: list[str], *, name: str | None = None) -> dict[str, Any]:
-    """onnx.checker, then the signature onnxruntime sees against the declared preprocessing and labels.
-    ``name``: what the messages call the model (default: the file's name)."""
+def checked_session(path: Path, shown: str) -> Any:
+    """The model after ``onnx.checker``, loaded in onnxruntime (CPU); ``ModelImportError`` naming
+    ``shown`` (what the messages call the model) when either refuses it."""
     import onnx
     import onnxruntime as ort
-
-    shown = name or path.name
 
     def said(exc: BaseException) -> str:
         return (str(exc).replace(str(path), shown).strip().splitlines() or [type(exc).__name__])[0]
@@ -191,9 +189,18 @@ def check_onnx(path: Path, pre: ImagePreprocessing, labels: list[str], *, name: 
     except Exception as exc:  # noqa: BLE001 - onnx raises ValidationError, or others for a file that is not ONNX
         raise ModelImportError(f"{shown} fails onnx.checker: {said(exc)}") from None
     try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types are not public API
         raise ModelImportError(f"onnxruntime cannot load {shown}: {said(exc)}") from None
+
+
+def check_onnx(path: Path, pre: ImagePreprocessing, labels: list[str], *, name: str | None = None) -> dict[str, Any]:
+    """onnx.checker, then the signature onnxruntime sees against the declared preprocessing and labels.
+    ``name``: what the messages call the model (default: the file's name)."""
+    import onnxruntime as ort
+
+    shown = name or path.name
+    session = checked_session(path, shown)
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if len(inputs) != 1:
         raise ModelImportError(f"{shown} has {len(inputs)} inputs {[i.name for i in inputs]}; image models take 1")
@@ -304,8 +311,8 @@ def build_import_bundle(req: ImportRequest, bundle_dir: Path, *, version: int, p
             hyperparameters={"imported": str(req.module or req.onnx_file), "source_sha256": report["source_sha256"]},
         )  # fmt: skip
         common: dict[str, Any] = {"task": "image-classification", "preprocessing": req.preprocessing,
-                                  "model": req.model, "version": version, "labels": req.labels, "opset": _opset(fp32),
-                                  "lineage": lineage}  # fmt: skip
+                                  "model": req.model, "version": version, "labels": req.labels,
+                                  "opset": onnx_opset(fp32), "lineage": lineage}  # fmt: skip
         fp32_bundle = work / "bundle-fp32"
         staged = stage_bundle(fp32_bundle, model_file=fp32, quantization="none", **common)
         fp32_model = ImageClassifier(bundle_dir=fp32_bundle, manifest=staged, providers=["CPUExecutionProvider"])
@@ -328,7 +335,7 @@ def build_import_bundle(req: ImportRequest, bundle_dir: Path, *, version: int, p
         return record_golden(bundle_dir, manifest, golden_urls, metrics=metrics)
 
 
-def _opset(path: Path) -> int:
+def onnx_opset(path: Path) -> int:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)

@@ -160,7 +160,18 @@ class ImagePreprocessing(_Frozen):
 _IMAGE_DEFAULTS: dict[str, Any] = {"resize": None, "resample": "bilinear", "channel_order": "RGB"}
 
 
-Preprocessing = Annotated[TextPreprocessing | ImagePreprocessing, Field(discriminator="kind")]
+class NoPreprocessing(_Frozen):
+    """The ``tensor`` task's: the model's named input tensors come in as they are, and leave as they are."""
+
+    kind: Literal["none"] = "none"
+
+
+Preprocessing = Annotated[TextPreprocessing | ImagePreprocessing | NoPreprocessing, Field(discriminator="kind")]
+
+TASK_PREPROCESSING = {"text-classification": "text", "image-classification": "image", "tensor": "none"}
+"""The preprocessing ``kind`` each manifest ``task`` takes."""
+TENSOR_DTYPES = ("float32", "float16", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "bool")
+"""The dtypes a ``tensor`` model's inputs and outputs may have (numpy names; no strings)."""
 
 
 class Lineage(_Frozen):
@@ -180,7 +191,10 @@ class Manifest(_Frozen):
     model: str
     version: int = Field(ge=1)
     created_at: str
-    task: Literal["text-classification", "image-classification"]
+    task: Literal["text-classification", "image-classification", "tensor"] = Field(
+        description="text-classification and image-classification: labels and scores; tensor: the model's own "
+        "named tensors in and out (no preprocessing, no labels)"
+    )
     model_file: str = Field(description="bundle path of the ONNX model to serve")
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
@@ -189,7 +203,7 @@ class Manifest(_Frozen):
     execution_providers: list[str]
     quantization: str = Field(description="e.g. none, dynamic-int8")
     preprocessing: Preprocessing
-    labels: list[str] = Field(min_length=2)
+    labels: list[str] = Field(description="label names in logit order: at least 2 for a classifier, none for tensor")
     golden_file: str = Field(description="bundle path of golden test vectors (JSON)")
     metrics: dict[str, Any] = Field(default_factory=dict)
     lineage: Lineage
@@ -205,14 +219,36 @@ class Manifest(_Frozen):
         refs = [self.model_file, self.golden_file]
         if isinstance(self.preprocessing, TextPreprocessing):
             refs.append(self.preprocessing.tokenizer)
-        expected_kind = {"text-classification": "text", "image-classification": "image"}[self.task]
+        expected_kind = TASK_PREPROCESSING[self.task]
         if self.preprocessing.kind != expected_kind:
             raise ValueError(f"task {self.task} needs {expected_kind} preprocessing, not {self.preprocessing.kind}")
+        if self.task == "tensor":
+            self._tensor_signature()
+        elif len(self.labels) < 2:
+            raise ValueError(f"task {self.task} needs at least 2 labels, not {len(self.labels)}")
         for ref in refs:
             if ref not in names:
                 raise ValueError(f"manifest refers to {ref!r}, which is not in its file list")
         self.chunk_sizes()  # chunk counts and sizes agree with the declared file sizes
         return self
+
+    def _tensor_signature(self) -> None:
+        """A tensor model is served by its signature: no labels, unique names, dtypes a device can carry."""
+        if self.labels:
+            raise ValueError("task tensor has no labels")
+        if not self.inputs or not self.outputs:
+            raise ValueError("task tensor needs at least one input and one output")
+        for kind, specs in (("input", self.inputs), ("output", self.outputs)):
+            names = [spec.name for spec in specs]
+            if len(set(names)) != len(names) or not all(names):
+                raise ValueError(f"task tensor: {kind} names must be unique and not empty")
+            for spec in specs:
+                if spec.dtype not in TENSOR_DTYPES:
+                    raise ValueError(
+                        f"task tensor: {kind} {spec.name!r} has dtype {spec.dtype}; one of {', '.join(TENSOR_DTYPES)}"
+                    )
+                if kind == "input" and any(isinstance(d, int) and d < 1 for d in spec.shape):
+                    raise ValueError(f"task tensor: input {spec.name!r} has shape {spec.shape}; fixed sizes are >= 1")
 
     def chunk_sizes(self) -> dict[str, int]:
         """The exact size of every chunk, from the file sizes; ``ValueError`` if the chunk lists disagree.

@@ -9,25 +9,37 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edge_agent.protocol.manifest import Manifest
-from edge_agent.runtime.classifier import Classifier, HealthCheckError, InputError, Prediction, softmax
+from edge_agent.runtime.classifier import (
+    Classifier,
+    HealthCheckError,
+    InputError,
+    Prediction,
+    Result,
+    TensorOutputs,
+    softmax,
+)
 from edge_agent.runtime.holder import ModelHolder
 from edge_agent.runtime.image import ImageClassification, ImageClassifier
 from edge_agent.runtime.imagecodec import DecodedImage, ImageDecodeError
 from edge_agent.runtime.session import ModelLoadError, ProviderSpec, choose_providers, open_session
 from edge_agent.runtime.task import (
+    ClassificationTask,
     InputLimits,
     InputTooLarge,
     ProtocolInput,
+    ProtocolOutput,
     SampleInput,
     Task,
     register_task,
     registered_tasks,
     task_for,
 )
+from edge_agent.runtime.tensor import TensorModel, TensorTask
 from edge_agent.runtime.text import TextClassification, TextClassifier
 
 register_task(TextClassification())
 register_task(ImageClassification())
+register_task(TensorTask())
 
 
 def load_classifier(
@@ -39,7 +51,7 @@ def load_classifier(
     inter_op_threads: int = 1,
     allow_spinning: bool = False,
 ) -> Classifier:
-    """The classifier for the bundle's task."""
+    """The served model for the bundle's task (a classifier, or a ``tensor`` task's :class:`TensorModel`)."""
     return task_for(manifest.task).load(
         bundle_dir,
         manifest,
@@ -51,6 +63,7 @@ def load_classifier(
 
 
 __all__ = [
+    "ClassificationTask",
     "Classifier",
     "DecodedImage",
     "HealthCheckError",
@@ -64,8 +77,13 @@ __all__ = [
     "ModelLoadError",
     "Prediction",
     "ProtocolInput",
+    "ProtocolOutput",
+    "Result",
     "SampleInput",
     "Task",
+    "TensorModel",
+    "TensorOutputs",
+    "TensorTask",
     "TextClassification",
     "TextClassifier",
     "choose_providers",

@@ -1,4 +1,10 @@
-"""What every served classifier shares: the onnxruntime session, softmax, labels, golden vectors."""
+"""What every served model shares: the onnxruntime session, softmax, labels, golden vectors.
+
+:class:`Classifier` is the base of every model the agent serves (the name is older than the
+``tensor`` task, whose :class:`~edge_agent.runtime.tensor.TensorModel` has no labels): serving calls
+:meth:`Classifier.run`, which answers one :data:`Result` per input, a :class:`Prediction` (label and
+scores) for a classifier, :class:`TensorOutputs` (every output, by name) for a tensor model.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +29,17 @@ class Prediction:
     label: str
     score: float
     scores: dict[str, float]
+
+
+@dataclass(frozen=True)
+class TensorOutputs:
+    """Every output of one model run, by name, as onnxruntime gave it (a ``tensor`` model's answer)."""
+
+    outputs: dict[str, npt.NDArray[Any]]
+
+
+Result = Prediction | TensorOutputs
+"""What serving gets back for one input: a classifier's :class:`Prediction`, a tensor model's :class:`TensorOutputs`."""
 
 
 class HealthCheckError(Exception):
@@ -95,6 +112,10 @@ class Classifier(ABC):
                 Prediction(label=self.labels[best], score=row[best], scores=dict(zip(self.labels, row, strict=True)))
             )
         return results
+
+    def run(self, inputs: Sequence[Any]) -> Sequence[Result]:
+        """What serving calls (the batcher): one result per input. A classifier's are its predictions."""
+        return self.predict(inputs)
 
     def health_check(self, *, atol: float) -> None:
         """Reproduce the golden vectors the exporter recorded, or raise ``HealthCheckError``."""

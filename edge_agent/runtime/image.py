@@ -29,7 +29,7 @@ from edge_agent.runtime.imagecodec import (
     decode_image,
 )
 from edge_agent.runtime.session import ModelLoadError, ProviderSpec
-from edge_agent.runtime.task import InputLimits, ProtocolInput, Task
+from edge_agent.runtime.task import ClassificationTask, InputLimits, ProtocolInput
 
 
 class ImageClassifier(Classifier):
@@ -193,7 +193,7 @@ class HeldEncoded:
         return {"image": self.data_url()}
 
 
-class ImageClassification(Task):
+class ImageClassification(ClassificationTask):
     """``image-classification``: raw pixel arrays or encoded JPEG/PNG images in, decoded and
     normalised as the manifest says; a sample keeps the encoded bytes (or compact numbers)."""
 

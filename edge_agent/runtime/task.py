@@ -1,16 +1,21 @@
 """The edge's task seam: what one kind of model (the manifest's ``task``) needs besides onnxruntime.
 
-A :class:`Task` names the :class:`~edge_agent.runtime.classifier.Classifier` that pre-processes its
-inputs and runs them, and says how requests for it look and what the device keeps of them:
+A :class:`Task` names the :class:`~edge_agent.runtime.classifier.Classifier` subclass that
+pre-processes its inputs and runs them, and says how requests for it look and what the device keeps
+of them:
 
-- request decoding: the ``/v1/predict`` JSON list (``texts``, ``images``), whether a multipart body
-  may carry it, the one input of the Open Inference Protocol (:class:`ProtocolInput`), and
-  :meth:`Task.prepare`, which checks every input (and decodes what comes encoded) before a batch is
-  formed, raising :class:`~edge_agent.runtime.classifier.InputError` (the caller's mistake) or
-  :class:`InputTooLarge`;
-- postprocessing: :meth:`Task.reply`, the predictions as the JSON every front end answers;
-- the sample payload: :meth:`Task.sample_input`, the compact copy of one input that the sampler
-  remembers and puts into a sample record.
+- request decoding: the ``/v1/predict`` JSON member (``texts``, ``images``, ``inputs``), whether a
+  multipart body may carry it, the inputs and outputs of the Open Inference Protocol
+  (:class:`ProtocolInput`, :class:`ProtocolOutput`), and :meth:`Task.prepare`, which checks every
+  input (and decodes what comes encoded) before a batch is formed, raising
+  :class:`~edge_agent.runtime.classifier.InputError` (the caller's mistake) or :class:`InputTooLarge`;
+- postprocessing: :meth:`Task.reply`, the results as the JSON every front end answers;
+- the sample payload (classifiers): :meth:`ClassificationTask.sample_input`, the compact copy of one
+  input that the sampler remembers and puts into a sample record.
+
+A classifier's task (:class:`ClassificationTask`: text, image) answers labels and scores, and
+its inputs are sampled; the ``tensor`` task (:mod:`edge_agent.runtime.tensor`) takes and answers
+the model's own named tensors (:attr:`Task.raw_tensors`), one request one run, and is not sampled.
 
 Tasks are registered by name (:func:`register_task`, :func:`task_for`); the built-in ones are
 registered in :mod:`edge_agent.runtime`. A new task is one module (its classifier and its ``Task``)
@@ -26,7 +31,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from edge_agent.protocol.manifest import Manifest
-from edge_agent.runtime.classifier import Classifier, InputError, Prediction
+from edge_agent.runtime.classifier import Classifier, InputError, Prediction, Result
 from edge_agent.runtime.session import ModelLoadError, ProviderSpec
 
 
@@ -39,23 +44,46 @@ class InputLimits:
     """What the agent's configuration bounds in one input (``[http]``, for every front end)."""
 
     max_text_chars: int
+    max_tensor_bytes: int = 1 << 20
+    """the bytes a tensor request's inputs may hold once decoded (``[http] max_body_bytes``)"""
 
 
 @dataclass(frozen=True, kw_only=True)
 class ProtocolInput:
-    """A task's one input on the Open Inference Protocol.
+    """An input on the Open Inference Protocol.
 
     Attributes:
-        name: the tensor's name (``text``, ``image``).
+        name: the tensor's name (``text``, ``image``; a tensor model's own input names).
         datatype: its declared datatype (``BYTES`` for strings, ``FP32`` for arrays).
-        dims: its shape after the batch axis.
+        dims: its shape after the batch axis; with ``batched`` false, its whole shape (``-1``: any size).
         encoded_bytes: a numeric input also takes BYTES elements, each one encoded file (JPEG, PNG).
+        batched: the server adds a batch axis (``-1``) in front of ``dims``, one input per row.
     """
 
     name: str
     datatype: str
     dims: list[int]
     encoded_bytes: bool = False
+    batched: bool = True
+
+    @property
+    def shape(self) -> list[int]:
+        """The shape the protocol's metadata declares (``-1``: any size)."""
+        return [-1, *self.dims] if self.batched else list(self.dims)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProtocolOutput:
+    """An output on the Open Inference Protocol (the same fields as :class:`ProtocolInput`)."""
+
+    name: str
+    datatype: str
+    dims: list[int]
+    batched: bool = True
+
+    @property
+    def shape(self) -> list[int]:
+        return [-1, *self.dims] if self.batched else list(self.dims)
 
 
 class SampleInput(Protocol):
@@ -70,13 +98,13 @@ class SampleInput(Protocol):
 
 
 def classification_reply(
-    predictions: Sequence[Prediction], ids: Sequence[str] | None, *, top_k: int | None = None
+    predictions: Sequence[Result], ids: Sequence[str] | None, *, top_k: int | None = None
 ) -> list[dict[str, Any]]:
     """Predictions as JSON objects; each with its ``id`` when the sampler gave one (feedback names it).
 
     With ``top_k``, ``scores`` holds only the ``top_k`` best labels, best first."""
     out: list[dict[str, Any]] = []
-    for p in predictions:
+    for p in predictions_of(predictions):
         scores = p.scores
         if top_k is not None:
             scores = dict(sorted(scores.items(), key=lambda item: -item[1])[:top_k])
@@ -86,15 +114,26 @@ def classification_reply(
     return out
 
 
+def predictions_of(results: Sequence[Result]) -> list[Prediction]:
+    """A classifier's results, typed as its predictions (``TypeError`` for any other result)."""
+    predictions = [r for r in results if isinstance(r, Prediction)]
+    if len(predictions) != len(results):
+        raise TypeError("these results are not a classifier's predictions")
+    return predictions
+
+
 class Task(ABC):
     """One kind of model on the device. Stateless: one instance serves every model of its kind.
 
     Class attributes:
         name: the manifest's ``task``.
         classifier: the runtime class that loads and runs its bundles.
-        field: the ``/v1/predict`` JSON list of inputs, and what error messages call them.
-        item_kinds: what that list must hold, in words (for the error message).
+        field: the ``/v1/predict`` JSON member that holds the inputs, and what error messages call them.
+        item_kinds: what that member must hold, in words (for the error message).
         multipart: whether a ``multipart/form-data`` body may carry the inputs as files.
+        raw_tensors: inputs and outputs on the inference protocol are the model's own named tensors,
+            and one request is one input (one model run); else one named input with a batch axis,
+            one input per row, answered by the classifier's ``label`` and ``probabilities``.
     """
 
     name: ClassVar[str]
@@ -102,6 +141,7 @@ class Task(ABC):
     field: ClassVar[str]
     item_kinds: ClassVar[str]
     multipart: ClassVar[bool] = False
+    raw_tensors: ClassVar[bool] = False
 
     def load(
         self, bundle_dir: Path, manifest: Manifest, *, providers: Sequence[ProviderSpec], **session: Any
@@ -111,7 +151,11 @@ class Task(ABC):
 
     @abstractmethod
     def items_valid(self, items: Any) -> bool:
-        """Whether the ``/v1/predict`` value of :attr:`field` is a list of the right element types."""
+        """Whether the ``/v1/predict`` value of :attr:`field` has the right shape and element types."""
+
+    def request_items(self, value: Any) -> list[Any]:
+        """The inputs that a valid ``/v1/predict`` value of :attr:`field` holds (a list: itself)."""
+        return list(value)
 
     @abstractmethod
     def prepare(self, items: list[Any], model: Classifier, limits: InputLimits) -> list[Any]:
@@ -120,17 +164,44 @@ class Task(ABC):
         first bad one, so one caller's mistake never reaches onnxruntime beside another's inputs."""
 
     @abstractmethod
+    def protocol_inputs(self, manifest: Manifest) -> list[ProtocolInput]:
+        """The model's inputs on the Open Inference Protocol."""
+
+    @abstractmethod
+    def protocol_outputs(self, manifest: Manifest) -> list[ProtocolOutput]:
+        """The model's outputs on the Open Inference Protocol."""
+
+    @abstractmethod
+    def reply(
+        self, predictions: Sequence[Result], ids: Sequence[str] | None, *, top_k: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The results as every front end answers them (``/v1/predict``, MQTT)."""
+
+
+class ClassificationTask(Task):
+    """A classifier's task: one named input with a batch axis, labels and probabilities out, and
+    sampling (the rules judge a prediction's scores; :meth:`sample_input` keeps its input)."""
+
+    @abstractmethod
     def protocol_input(self, manifest: Manifest) -> ProtocolInput:
         """The model's one input on the Open Inference Protocol."""
+
+    def protocol_inputs(self, manifest: Manifest) -> list[ProtocolInput]:
+        return [self.protocol_input(manifest)]
+
+    def protocol_outputs(self, manifest: Manifest) -> list[ProtocolOutput]:
+        return [
+            ProtocolOutput(name="label", datatype="BYTES", dims=[]),
+            ProtocolOutput(name="probabilities", datatype="FP32", dims=[len(manifest.labels)]),
+        ]
 
     @abstractmethod
     def sample_input(self, item: Any) -> SampleInput:
         """The compact copy of one prepared input that sampling remembers and uploads."""
 
     def reply(
-        self, predictions: Sequence[Prediction], ids: Sequence[str] | None, *, top_k: int | None = None
+        self, predictions: Sequence[Result], ids: Sequence[str] | None, *, top_k: int | None = None
     ) -> list[dict[str, Any]]:
-        """The predictions as every front end answers them (``/v1/predict``, MQTT)."""
         return classification_reply(predictions, ids, top_k=top_k)
 
 

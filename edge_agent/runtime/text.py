@@ -19,7 +19,7 @@ import numpy as np
 from edge_agent.protocol.manifest import Manifest, TextPreprocessing, safe_relative_path
 from edge_agent.runtime.classifier import Classifier, Feeds, InputError
 from edge_agent.runtime.session import ModelLoadError, ProviderSpec
-from edge_agent.runtime.task import InputLimits, InputTooLarge, ProtocolInput, Task
+from edge_agent.runtime.task import ClassificationTask, InputLimits, InputTooLarge, ProtocolInput
 
 if TYPE_CHECKING:
     from tokenizers import Encoding, Tokenizer
@@ -164,7 +164,7 @@ class HeldText:
         return {"text": self.text}
 
 
-class TextClassification(Task):
+class TextClassification(ClassificationTask):
     """``text-classification``: strings in (``{"texts": [...]}``; BYTES ``text`` on the inference
     protocol), tokenized by the bundle's tokenizer; a sample keeps the text."""
 

@@ -20,7 +20,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from edge_agent.runtime import Classifier, InputError, Prediction
+from edge_agent.runtime import Classifier, InputError, Result
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class NoModel(Exception):
 @dataclass
 class _Job:
     inputs: list[Any]
-    future: Future[tuple[int, list[Prediction]]]
+    future: Future[tuple[int, list[Result]]]
 
 
 class Batcher:
@@ -99,13 +99,14 @@ class Batcher:
             oldest = min(self._runs.values(), default=None)
         return 0.0 if oldest is None else time.monotonic() - oldest
 
-    def _predict(self, model: Classifier, inputs: list[Any]) -> list[Prediction]:
+    def _predict(self, model: Classifier, inputs: list[Any]) -> list[Result]:
+        """One model run over ``inputs`` (:meth:`Classifier.run`): a result per input."""
         with self._runs_lock:
             run = self._next_run
             self._next_run += 1
             self._runs[run] = time.monotonic()
         try:
-            return model.predict(inputs)
+            return list(model.run(inputs))
         except InputError:
             raise
         except Exception as exc:
@@ -124,8 +125,8 @@ class Batcher:
         for thread in self._threads:
             thread.join(timeout=5)
 
-    def submit(self, inputs: list[Any]) -> Future[tuple[int, list[Prediction]]]:
-        """Queue ``inputs``; the future gives ``(model version, predictions)`` or raises."""
+    def submit(self, inputs: list[Any]) -> Future[tuple[int, list[Result]]]:
+        """Queue ``inputs``; the future gives ``(model version, results)`` or raises."""
         job = _Job(inputs, Future())
         try:
             self._queue.put_nowait(job)
@@ -133,7 +134,7 @@ class Batcher:
             raise Overloaded(f"inference queue is full ({self._queue.maxsize} requests waiting)") from None
         return job.future
 
-    def try_inline(self, inputs: list[Any]) -> tuple[int, list[Prediction]] | None:
+    def try_inline(self, inputs: list[Any]) -> tuple[int, list[Result]] | None:
         """Run ``inputs`` on the caller's thread if nothing is queued or running there; else ``None``.
 
         The inline path spares a lone request two thread hand-offs; under load the worker
@@ -150,7 +151,7 @@ class Batcher:
         finally:
             self._inline.release()
 
-    def predict(self, inputs: list[Any], timeout_s: float = 30.0) -> tuple[int, list[Prediction]]:
+    def predict(self, inputs: list[Any], timeout_s: float = 30.0) -> tuple[int, list[Result]]:
         """Inline when possible, else through the queue; blocks until done."""
         inline = self.try_inline(inputs)
         return inline if inline is not None else self.submit(inputs).result(timeout=timeout_s)

@@ -43,7 +43,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 import httptools
 
@@ -446,8 +446,8 @@ class _Connection(asyncio.Protocol):
 
     # -- transport events -------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport (uvloop's are not asyncio.Transport subclasses, but have its methods)
+        self.transport = cast(asyncio.Transport, transport)
         if self.server.connections >= self.config.max_connections:
             log.warning("refused a connection: %d open, the limit is %d", self.server.connections,
                         self.config.max_connections)  # fmt: skip

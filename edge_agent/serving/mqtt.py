@@ -1,7 +1,8 @@
 """Inference over MQTT 5 request/response, for callers that speak only MQTT.
 
 A request on ``.../devices/{device}/infer`` carries the same JSON body as ``POST /v1/predict``
-and the MQTT 5 ``ResponseTopic`` and ``CorrelationData`` properties; the reply
+(``{"texts": [...]}``, ``{"images": [...]}``, or a tensor model's ``{"inputs": {...}}``) and the
+MQTT 5 ``ResponseTopic`` and ``CorrelationData`` properties; the reply
 (``InferenceReply``) goes to the response topic with the same correlation data. The network
 thread only validates and queues the work: the reply is published when the batcher's future
 completes. Errors are classified by the same :class:`InferenceService` as over HTTP: a caller's
@@ -16,7 +17,7 @@ from concurrent.futures import Future
 from http import HTTPStatus
 
 from edge_agent.protocol.telemetry import InferenceReply
-from edge_agent.runtime import Prediction, Task
+from edge_agent.runtime import Result, Task
 from edge_agent.serving.service import InferenceService, RequestError
 from edge_agent.transport import MqttTransport, TransportError, filter_problem
 
@@ -61,7 +62,7 @@ class MqttInference:
         top_k: int | None = None
         task: Task | None = None
 
-        def reply(status: HTTPStatus, *, version: int | None = None, predictions: list[Prediction] | None = None,
+        def reply(status: HTTPStatus, *, version: int | None = None, predictions: list[Result] | None = None,
                   error: str | None = None, ids: list[str] | None = None) -> None:  # fmt: skip
             body = InferenceReply(
                 status=int(status), model=service.model_name, version=version, error=error,
@@ -86,7 +87,7 @@ class MqttInference:
             reply(exc.status, error=str(exc))
             return
 
-        def done(result: Future[tuple[int, list[Prediction]]]) -> None:
+        def done(result: Future[tuple[int, list[Result]]]) -> None:
             try:
                 version, predictions = result.result()
             except Exception as exc:  # noqa: BLE001 - classified: only the model's own failure counts

@@ -28,12 +28,13 @@ from typing import Any
 
 from edge_agent.config import HttpConfig, ServingConfig
 from edge_agent.runtime import (
+    ClassificationTask,
     Classifier,
     InputError,
     InputLimits,
     InputTooLarge,
     ModelHolder,
-    Prediction,
+    Result,
     Task,
     task_for,
 )
@@ -153,7 +154,7 @@ class InferenceService:
             on_batch=self.metrics.batch_size.observe,
             workers=self.serving.workers,
         )
-        self._input_limits = InputLimits(max_text_chars=limits.max_text_chars)
+        self._input_limits = InputLimits(max_text_chars=limits.max_text_chars, max_tensor_bytes=limits.max_body_bytes)
         self._in_flight = 0  # requests inside infer(); touched only on the event loop's thread
         self.stats = InferenceStats()  # Triton's statistics extension
 
@@ -178,7 +179,8 @@ class InferenceService:
         """Validate a ``/v1/predict`` body for ``model``: a JSON object with the task's list
         (``{"texts": [...]}``, or ``{"images": [...]}`` of raw pixel arrays or base64 JPEG/PNG) and an
         optional ``"top_k"``; or, for a task that takes files (images), ``multipart/form-data`` whose
-        file parts are the inputs (and a ``top_k`` field)."""
+        file parts are the inputs (and a ``top_k`` field). A tensor model takes one request's named
+        tensors, ``{"inputs": {"name": nested lists, ...}}``, and no ``top_k``."""
         if len(body) > self.limits.max_body_bytes:
             raise RequestError(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
@@ -194,12 +196,16 @@ class InferenceService:
         else:
             data = loads_json(body)
         if not isinstance(data, dict) or key not in data:
-            raise RequestError(HTTPStatus.BAD_REQUEST, f'body must be a JSON object with a "{key}" list')
+            what = f'an "{key}" object' if task.raw_tensors else f'a "{key}" list'
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"body must be a JSON object with {what}")
         items = data[key]
         if not task.items_valid(items):
-            raise RequestError(HTTPStatus.BAD_REQUEST, f'"{key}" must be a list of {task.item_kinds}')
+            what = task.item_kinds if task.raw_tensors else f"a list of {task.item_kinds}"
+            raise RequestError(HTTPStatus.BAD_REQUEST, f'"{key}" must be {what}')
+        if not model.labels and data.get("top_k") is not None:
+            raise RequestError(HTTPStatus.BAD_REQUEST, '"top_k" is for classifiers; this model answers tensors')
         top_k = parse_top_k(data.get("top_k"), len(model.labels))
-        return PredictRequest(self.check_inputs(items, model), top_k)
+        return PredictRequest(self.check_inputs(task.request_items(items), model), top_k)
 
     def check_inputs(self, items: list[Any], model: Classifier) -> list[Any]:
         """What every front end's inputs must pass before a batch: not empty, not too many, valid
@@ -221,14 +227,14 @@ class InferenceService:
             raise RequestError(HTTPStatus.BAD_REQUEST, str(exc)) from None
 
     # -- running ----------------------------------------------------------------------------------
-    def submit(self, inputs: list[Any]) -> Future[tuple[int, list[Prediction]]]:
+    def submit(self, inputs: list[Any]) -> Future[tuple[int, list[Result]]]:
         """Queue validated inputs (from any thread); overload is a 503 :class:`RequestError`."""
         try:
             return self.batcher.submit(inputs)
         except Overloaded as exc:
             raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc)) from None
 
-    async def infer(self, inputs: list[Any]) -> tuple[int, list[Prediction]]:
+    async def infer(self, inputs: list[Any]) -> tuple[int, list[Result]]:
         """Run validated inputs on the event loop's thread; every failure is a classified :class:`RequestError`."""
         self._in_flight += 1
         start = time.perf_counter()
@@ -280,24 +286,30 @@ class InferenceService:
         log.exception("inference failed outside the model", exc_info=exc)
         return RequestError(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {type(exc).__name__}")
 
+    def samples(self, task: str) -> bool:
+        """Whether predictions of ``task`` models go to the sampler: a classifier's do (its rules
+        judge scores); a tensor model's are not sampled, and get no ids."""
+        return self.sampler is not None and isinstance(task_for(task), ClassificationTask)
+
     def observe_after_reply(
-        self, inputs: list[Any], version: int, predictions: list[Prediction], task: str
+        self, inputs: list[Any], version: int, predictions: list[Result], task: str
     ) -> list[str] | None:
         """The predictions' ids now; the sampler sees them on the event loop's next turn, after the
         reply is written, so its bookkeeping is not part of the request's latency. Call it on the
         event loop: a request the client sends after reading the reply (feedback naming these ids)
         is read on a later turn, so it always finds them."""
-        if self.sampler is None:
+        if not self.samples(task):
             return None
         ids = prediction_ids(len(predictions))
         asyncio.get_running_loop().call_soon(self.observe, inputs, version, predictions, task, ids)
         return ids
 
     def observe(
-        self, inputs: list[Any], version: int, predictions: list[Prediction], task: str, ids: list[str] | None = None
+        self, inputs: list[Any], version: int, predictions: list[Result], task: str, ids: list[str] | None = None
     ) -> list[str] | None:
-        """Show a request's predictions to the sampler; their ids, or None without one. Never raises."""
-        if self.sampler is None:
+        """Show a request's predictions to the sampler; their ids, or None without one (or for a
+        model that is not sampled). Never raises."""
+        if self.sampler is None or not self.samples(task):
             return None
         try:
             return self.sampler.observe(inputs, predictions, version, task=task, ids=ids)

@@ -36,6 +36,7 @@ from cloud_trainer.training.images.preprocessing import (
 from cloud_trainer.training.images.runs import export_image_run, train_image_run
 from cloud_trainer.training.images.train import ImageTrainConfig
 from edge_agent.protocol import ImagePreprocessing, Lineage, Manifest
+from edge_agent.protocol.samples import SampleBatch, SampleRecord
 from edge_agent.runtime import ImageClassifier
 from export.bundle import stage_bundle
 from export.errors import AccuracyGateFailed
@@ -388,17 +389,95 @@ def test_cli_train_export_evaluate(
     ("argv", "message"),
     [
         (["--max-length", "32"], "error: --max-length: not an option of the image family"),
-        (["--include-samples", "intents"], "error: --include-samples: not an option of the image family"),
+        (
+            ["--include-samples", "nothing", "--base-model", "x", "--samples-store", "{store}"],
+            "error: the sample store has no labelled image samples of model 'nothing'",
+        ),
         ([], "error: the image family needs --base-model"),
     ],
-    ids=["text-flag", "samples", "no-base"],
+    ids=["text-flag", "no-samples", "no-base"],
 )
 def test_cli_refuses_what_the_image_family_cannot_do(
     tmp_path: Path, shapes: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
 ) -> None:
+    argv = [arg.replace("{store}", str(tmp_path / "store")) for arg in argv]
     code = main(["train", "--family", "image", "--data", str(shapes), "--out", str(tmp_path / "r"), *argv])
     assert code == 2
     assert capsys.readouterr().err.startswith(message)
+
+
+def _image_record(model: str, data: bytes, number: int) -> SampleRecord:
+    """A kept image sample as a device uploads it: the bytes it was sent, as a ``data:`` URL."""
+    from datetime import datetime, timezone
+
+    from edge_agent.runtime.imagecodec import data_url
+
+    mime = "image/png" if data.startswith(b"\x89PNG") else "image/jpeg"
+    prediction_id = f"{number:032x}"
+    return SampleRecord(id=prediction_id, prediction_id=prediction_id, device="cam-1", fleet="f", model=model,
+                        version=1, created_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                        image=data_url(data, mime), predicted="circle", score=0.5,
+                        scores={"circle": 0.5, "square": 0.5}, reasons=["random"])  # fmt: skip
+
+
+def test_include_samples_adds_labelled_fleet_images_to_the_training_split(
+    tmp_path: Path, shapes: Path, bases: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import hashlib
+    import io
+
+    from cloud_trainer.samples.store import SampleStore
+
+    rng = random.Random(7)
+    jpeg = io.BytesIO()
+    render_shape("square", rng).save(jpeg, format="JPEG", quality=90)
+    labelled = {
+        "circle": png_bytes(render_shape("circle", rng)),
+        "square": jpeg.getvalue(),
+        "star": png_bytes(render_shape("triangle", rng, (40, 52))),  # a label the data set does not have
+    }
+    duplicate = (shapes / "circle" / "0.png").read_bytes()  # the very bytes of an image in the data set
+    store = SampleStore(tmp_path / "store")
+    records = [_image_record("shapes", data, n) for n, data in enumerate([*labelled.values(), duplicate])]
+    unlabelled = _image_record("shapes", png_bytes(render_shape("square", rng)), 10)
+    elsewhere = _image_record("other", png_bytes(render_shape("circle", rng)), 11)
+    batch = SampleBatch(device="cam-1", fleet="f", sent_at=records[0].created_at,
+                        records=[*records, unlabelled, elsewhere])  # fmt: skip
+    assert store.add_batch(batch).new_records == 6
+    answers = [*labelled, "circle"]
+    assert store.set_labels([(r.prediction_id, label) for r, label in zip(records, answers, strict=True)]
+                            + [(elsewhere.prediction_id, "circle")]) == 5  # fmt: skip
+    store.close()
+
+    run, registry = tmp_path / "run", str(tmp_path / "registry")
+    code = main(["train", "--family", "image", "--data", str(shapes), "--base-model", str(bases["resnet"]),
+                 "--out", str(run), "--epochs", "1", "--max-steps", "2", "--no-augment", "--include-samples",
+                 "shapes", "--samples-store", str(tmp_path / "store")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert ("fleet samples: 4 labelled images, 3 added to the training split, 1 already in the data "
+            "(same bytes); new labels: star") in out  # fmt: skip
+
+    added = sorted(f"{hashlib.sha256(data).hexdigest()} {label}" for label, data in labelled.items())
+    info = json.loads((run / "run.json").read_text())
+    assert info["samples"] == {"labelled": 4, "added": 3, "duplicates_skipped": 1, "new_labels": ["star"],
+                               "sha256": hashlib.sha256("\n".join(added).encode()).hexdigest()}  # fmt: skip
+    assert info["labels"] == ["circle", "square", "star", "triangle"]
+    train, val = load_images(run / "train.csv"), load_images(run / "val.csv")
+    own_train, own_val = split_images(load_images(shapes), val_fraction=0.2, seed=42)
+    assert (val.paths, val.labels) == (own_val.paths, own_val.labels)  # the validation split stays the data's own
+    assert train.paths[: len(own_train)] == own_train.paths
+    from_fleet = list(zip(train.paths[len(own_train) :], train.labels[len(own_train) :], strict=True))
+    assert sorted((label, path.read_bytes()) for path, label in from_fleet) == sorted(
+        (label, data) for label, data in labelled.items()
+    )  # fmt: skip
+    assert all(path.parent.parent == run / "samples" for path, _ in from_fleet)
+
+    assert main(["export", "--run", str(run), "--model", "shapes", "--quantize", "none",
+                 "--registry", registry]) == 0  # fmt: skip
+    lineage = Registry(Path(registry)).verified("shapes").manifest.lineage
+    assert lineage.samples == info["samples"]
+    assert lineage.dataset_sha256 == info["dataset_sha256"]  # the data set's own hash, samples beside it
 
 
 def test_cli_refuses_foreign_flags_for_digits_and_dynamic_int8_for_images(

@@ -42,7 +42,7 @@ GIF = "data:image/gif;base64,R0lGODlhAQABAAAAACw="
 
 # -- the registry ---------------------------------------------------------------------------------
 def test_each_task_is_registered_once_and_chosen_by_the_manifest(tmp_path: Path) -> None:
-    assert registered_tasks() == ["image-classification", "text-classification"]
+    assert registered_tasks() == ["image-classification", "tensor", "text-classification"]
     text, image = task_for("text-classification"), task_for("image-classification")
     assert (text.field, text.multipart, image.field, image.multipart) == ("texts", False, "images", True)
     manifest = make_colour_bundle(tmp_path / "bundle")
@@ -51,8 +51,8 @@ def test_each_task_is_registered_once_and_chosen_by_the_manifest(tmp_path: Path)
     assert image.protocol_input(manifest).dims == [PRE.height, PRE.width, 3]
     with pytest.raises(ValueError, match="'text-classification' is registered already"):
         register_task(TextClassification())
-    with pytest.raises(ModelLoadError, match="this agent serves no 'tensor' models"):
-        task_for("tensor")
+    with pytest.raises(ModelLoadError, match="this agent serves no 'audio-classification' models"):
+        task_for("audio-classification")
 
 
 def test_each_task_decides_what_a_sample_keeps(tmp_path: Path) -> None:

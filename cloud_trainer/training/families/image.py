@@ -36,8 +36,9 @@ class ImageFamily(Family):
     quantizations: ClassVar[tuple[str, ...]] = ("static-int8", "fp16", "none")
     cpu_quantization: ClassVar[str] = "static-int8"
     train_options: ClassVar[frozenset[str]] = frozenset(
-        {*HYPERPARAMETERS, "data", "val_data", "val_fraction", "image_column", "label_column", "test_data", "config"}
-    )
+        {*HYPERPARAMETERS, "data", "val_data", "val_fraction", "image_column", "label_column", "test_data", "config",
+         "include_samples", "samples_store"}
+    )  # fmt: skip
 
     def train(self, args: argparse.Namespace) -> None:
         from cloud_trainer.training.images.runs import train_image_run
@@ -51,12 +52,29 @@ class ImageFamily(Family):
         settings.update({k: getattr(args, k) for k in HYPERPARAMETERS if getattr(args, k) is not None})
         config = ImageTrainConfig.from_mapping(settings, origin=str(args.config or "flags"))
         image_column, label_column = args.image_column or "image", args.label_column or "label"
+        samples = None
+        if args.include_samples:
+            from cloud_trainer.samples.labelling import labelled_images
+            from cloud_trainer.samples.store import SampleStore, default_store
+
+            samples = labelled_images(SampleStore(args.samples_store or default_store()), args.include_samples)
+            if not samples:
+                raise CloudTrainError(
+                    f"the sample store has no labelled image samples of model {args.include_samples!r}"
+                )
         result = train_image_run(
             args.data, args.out, config=config, val_path=args.val_data,
             val_fraction=0.2 if args.val_fraction is None else args.val_fraction,
-            image_column=image_column, label_column=label_column,
+            image_column=image_column, label_column=label_column, samples=samples,
         )  # fmt: skip
         metrics = result.metrics
+        if samples is not None:
+            info = metrics["samples"]
+            new_labels = ", ".join(info["new_labels"]) or "-"
+            print(
+                f"fleet samples: {info['labelled']} labelled images, {info['added']} added to the training split, "
+                f"{info['duplicates_skipped']} already in the data (same bytes); new labels: {new_labels}"
+            )
         print(f"\nvalidation split ({metrics['val_examples']} images, best epoch {metrics['best_epoch']}):")
         print(format_metrics(metrics))
         print(f"trained in {metrics['training_minutes']:.1f} min; metrics: {args.out / 'metrics.json'}")
