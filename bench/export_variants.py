@@ -6,6 +6,9 @@ accuracy, macro-F1, size on disk and single-request latency (p50/p99) for each, 
 each p50 to PyTorch fp32's. One run, one machine, the same validation texts for all.
 
     .venv/bin/python bench/export_variants.py [--epochs 8] [--threads 1] [--requests 300] [--workdir runs/bench]
+        [--data TRAIN.csv --test TEST.csv]    # another data set, scored on its own test file
+
+``flips`` counts the texts whose label differs from the ONNX fp32 model's: what quantization alone changed.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ VARIANTS: list[tuple[str, dict[str, str]]] = [
     ("int8 dynamic avx512_vnni", {"quantization": "dynamic-int8", "target": "avx512_vnni"}),
     ("int8 dynamic arm64", {"quantization": "dynamic-int8", "target": "arm64"}),
     ("int8 static (calibrated)", {"quantization": "static-int8"}),
+    ("int8 weights (MatMulNBits)", {"quantization": "weight-int8"}),
     ("fp16 (GPU target)", {"quantization": "fp16"}),
 ]
 
@@ -52,6 +56,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads for onnxruntime and torch")
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench-export"))
+    parser.add_argument("--data", type=Path, help="training CSV (text, label); default: the packaged voice commands")
+    parser.add_argument("--test", type=Path, help="score on this labelled file instead of the validation split")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -68,8 +74,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     run = args.workdir / "run"
-    result = train_run(PACKAGED_DATASET, run, config=TrainConfig(epochs=args.epochs, progress=False))
-    val = load_labelled(run / "val.csv")
+    data = args.data or PACKAGED_DATASET
+    result = train_run(data, run, config=TrainConfig(epochs=args.epochs, progress=False))
+    val = load_labelled(args.test) if args.test else load_labelled(run / "val.csv")
     labels = result.labels
     rows: list[dict[str, Any]] = []
 
@@ -85,7 +92,8 @@ def main() -> None:
     size = sum(f.stat().st_size for f in result.checkpoint.glob("*.safetensors"))
     lat = latencies(torch_predict, val.texts, args.requests)
     rows.append({"variant": "pytorch fp32", "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "mb": size / 1e6,
-                 "p50": statistics.median(lat), "p99": percentile(lat, 0.99), "gate": "-"})  # fmt: skip
+                 "p50": statistics.median(lat), "p99": percentile(lat, 0.99), "gate": "-", "flips": None})  # fmt: skip
+    reference: list[str] | None = None  # the ONNX fp32 labels
 
     for name, options in VARIANTS:
         out = args.workdir / name.split(" (")[0].replace(" ", "-")
@@ -99,22 +107,26 @@ def main() -> None:
             )
         classifier = TextClassifier(bundle_dir=out, manifest=exported.manifest, providers=["CPUExecutionProvider"],
                                     intra_op_threads=args.threads)  # fmt: skip
-        predicted = [p.label for p in classifier.predict(val.texts)]
+        predicted = [p.label for i in range(0, len(val), 32) for p in classifier.predict(val.texts[i : i + 32])]
         m = classification_metrics(predicted, val.labels, labels=labels)
+        reference = reference or predicted
+        flips = sum(a != b for a, b in zip(predicted, reference, strict=True))
         lat = latencies(lambda t, c=classifier: c.predict([t]), val.texts, args.requests)
         rows.append({"variant": name, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
                      "mb": (out / "model.onnx").stat().st_size / 1e6, "p50": statistics.median(lat),
-                     "p99": percentile(lat, 0.99), "gate": gate})  # fmt: skip
+                     "p99": percentile(lat, 0.99), "gate": gate, "flips": flips})  # fmt: skip
 
     base = rows[0]["p50"]
-    print(f"\nexport variants: MiniLM-L6 fine-tuned on {PACKAGED_DATASET.name}, {len(val)} validation texts, "
+    scored = f"{len(val)} test texts" if args.test else f"{len(val)} validation texts"
+    print(f"\nexport variants: MiniLM-L6 fine-tuned on {data.name}, {scored}, "
           f"{args.requests} single-text requests each, {args.threads} thread(s), {platform.machine()}, "
           f"torch {torch.__version__}")  # fmt: skip
-    print(f"{'variant':<26} {'accuracy':>8} {'macro-F1':>8} {'size MB':>8} {'p50 ms':>7} {'p99 ms':>7} "
+    print(f"{'variant':<28} {'accuracy':>8} {'macro-F1':>8} {'flips':>5} {'size MB':>8} {'p50 ms':>7} {'p99 ms':>7} "
           f"{'p50 vs torch':>12}  gate (max drop 1.0 pt)")  # fmt: skip
     for r in rows:
-        print(f"{r['variant']:<26} {r['accuracy']:>8.3f} {r['macro_f1']:>8.3f} {r['mb']:>8.1f} {r['p50']:>7.2f} "
-              f"{r['p99']:>7.2f} {base / r['p50']:>11.2f}x  {r['gate']}")  # fmt: skip
+        flips = "-" if r["flips"] is None else str(r["flips"])
+        print(f"{r['variant']:<28} {r['accuracy']:>8.3f} {r['macro_f1']:>8.3f} {flips:>5} {r['mb']:>8.1f} "
+              f"{r['p50']:>7.2f} {r['p99']:>7.2f} {base / r['p50']:>11.2f}x  {r['gate']}")  # fmt: skip
     (args.workdir / "results.json").write_text(json.dumps(rows, indent=2))
 
 

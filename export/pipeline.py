@@ -16,6 +16,7 @@ from export.errors import ExportError, ValidationFailed
 from export.gates import judge_quantization
 from export.onnx_export import export_onnx, onnx_opset
 from export.quantize import (
+    DEFAULT_TARGET,
     QUANTIZATIONS,
     convert_fp16,
     optimize_transformer,
@@ -70,7 +71,7 @@ class ExportRequest:
     truncation: str = "head"
     head_tokens: int = 0
     quantization: str = "dynamic-int8"
-    target: str = "avx2"
+    target: str = DEFAULT_TARGET
     calibration_texts: list[str] = field(default_factory=list)
     max_accuracy_drop: float = 1.0
     max_f1_drop: float = 0.02

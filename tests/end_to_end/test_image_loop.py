@@ -1,9 +1,10 @@
-"""The image family round the loop: a tiny ResNet (transformers' ``ResNetConfig``, random weights, saved
-with its image processor) fine-tuned with ``cloud-train train --family image`` on a folder of
-rendered shapes, exported through optimum to static int8 with ``cloud-train export``, pushed, and
-served by a real agent process. The same images get the same labels sent as multipart and as
-base64 JSON by curl, as inference-protocol BYTES by tritonclient, and over MQTT 5 request/response;
-those are the labels the device runtime gives the registered bundle in this process."""
+"""The image family round the loop: a tiny ResNet and a tiny ViT (transformers' ``ResNetConfig``
+and ``ViTConfig``, random weights, each saved with its image processor) fine-tuned with
+``cloud-train train --family image`` on a folder of rendered shapes, exported through optimum to
+static int8 with ``cloud-train export``, pushed, and served by a real agent process. The same
+images get the same labels sent as multipart and as base64 JSON by curl, as inference-protocol
+BYTES by tritonclient, and over MQTT 5 request/response; those are the labels the device runtime
+gives the registered bundle in this process."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from edge_agent.protocol import Topics
 from edge_agent.runtime import ImageClassifier
 from tests.conftest import AgentProcess, Keys, StateListener
 from tests.edge_agent.test_mqtt_inference import Requester
-from tests.imagemodels import SHAPES, save_tiny_resnet, write_shapes
+from tests.imagemodels import SHAPES, save_tiny_resnet, save_tiny_vit, write_shapes
 
 
 @pytest.fixture(autouse=True)
@@ -53,12 +54,13 @@ def labels_of(reply: dict[str, object]) -> list[str]:
     return [str(p["label"]) for p in predictions]
 
 
-def test_trained_resnet_served_alike_by_curl_tritonclient_and_mqtt(
-    tmp_path: Path, mosquitto: LocalBroker, fleet: str, keys: Keys, state_listener: StateListener,
+@pytest.mark.parametrize("architecture", ["resnet", "vit"])
+def test_trained_image_model_served_alike_by_curl_tritonclient_and_mqtt(
+    architecture: str, tmp_path: Path, mosquitto: LocalBroker, fleet: str, keys: Keys, state_listener: StateListener,
     agent_process: Callable[..., AgentProcess], capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
     shapes = write_shapes(tmp_path / "shapes", per_class=15)
-    base = save_tiny_resnet(tmp_path / "resnet")
+    base = {"resnet": save_tiny_resnet, "vit": save_tiny_vit}[architecture](tmp_path / architecture)
     run, registry = tmp_path / "run", tmp_path / "registry"
     assert main(["train", "--family", "image", "--data", str(shapes), "--base-model", str(base), "--out", str(run),
                  "--epochs", "2", "--learning-rate", "3e-3", "--min-crop-scale", "0.5"]) == 0  # fmt: skip

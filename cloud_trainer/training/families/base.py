@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from export.quantize import DEFAULT_TARGET
+
 if TYPE_CHECKING:
     from cloud_trainer.releases.registry import ModelVersion, Registry
     from cloud_trainer.training.evaluate import SourceModel
@@ -31,7 +33,7 @@ class ExportOptions:
     """
 
     quantization: str
-    target: str = "avx2"
+    target: str = DEFAULT_TARGET
     max_accuracy_drop: float = 1.0
     max_f1_drop: float = 0.02
 
