@@ -10,6 +10,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -214,3 +215,78 @@ def linear_probe(
         head.weight.copy_(weight)
         head.bias.copy_(bias)
         return float(((features @ weight.T + bias).argmax(-1) == labels).float().mean())
+
+
+def build_trainer(
+    config: Any, out_dir: Path, model: torch.nn.Module, splits: tuple[Any, Any], *, collator: Any,
+    labels: list[str], weights: list[float] | None, budget_s: float | None, tell: Callable[[str], None],
+    **arguments: Any,
+) -> tuple[WeightedLossTrainer, BestEpoch]:  # fmt: skip
+    """The Trainer every family fine-tunes with: validation (accuracy, macro-F1) each epoch, the best
+    epoch kept by :class:`BestEpoch`, the weighted loss and the head's own rate. ``config`` is a
+    family's train config (its ``epochs``, ``batch_size``, rates, ``seed``, ``select_metric``,
+    ``patience``...); ``arguments`` are a family's own ``TrainingArguments``."""
+    import numpy as np
+    from transformers import PrinterCallback
+
+    from cloud_trainer.training.metrics import classification_metrics
+
+    def compute_metrics(prediction: Any) -> dict[str, float]:
+        predicted = np.asarray(prediction.predictions).argmax(-1).tolist()
+        truth = np.asarray(prediction.label_ids).tolist()
+        m = classification_metrics([labels[i] for i in predicted], [labels[i] for i in truth], labels=labels)
+        return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
+
+    args = TrainingArguments(
+        output_dir=str(out_dir / "trainer"),
+        num_train_epochs=float(config.epochs or 1),
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=64,
+        learning_rate=float(config.learning_rate or 0),
+        weight_decay=config.weight_decay,
+        warmup_ratio=float(config.warmup_ratio or 0),
+        lr_scheduler_type="linear",
+        seed=config.seed,
+        data_seed=config.seed,
+        eval_strategy="epoch",
+        save_strategy="no",
+        logging_strategy="epoch",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        **arguments,
+    )
+    best = BestEpoch(metric=config.select_metric, patience=config.patience, budget_s=budget_s, say=tell)
+    trainer = WeightedLossTrainer(
+        model=model,
+        args=args,
+        train_dataset=splits[0],
+        eval_dataset=splits[1],
+        data_collator=collator,
+        compute_metrics=compute_metrics,
+        callbacks=[best],
+        class_weights=weights,
+        head_learning_rate=config.head_learning_rate,
+    )
+    trainer.remove_callback(PrinterCallback)  # type: ignore[no-untyped-call]
+    return trainer, best
+
+
+def validation_metrics(trainer: Trainer, val_set: Any, labels: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """The kept model's validation metrics, and ``evaluate``'s warnings (no better than the majority, a class
+    never predicted)."""
+    import numpy as np
+
+    from cloud_trainer.training.evaluate import evaluate_predictions, format_report
+
+    prediction = trainer.predict(val_set)  # length-grouped: rows come back in another order, with their labels
+    predicted = [labels[i] for i in np.asarray(prediction.predictions).argmax(-1).tolist()]
+    truth = [labels[i] for i in np.asarray(prediction.label_ids).tolist()]
+    report = evaluate_predictions(predicted, truth, labels=labels, seconds=0.0)
+    metrics = {key: report[key] for key in ("accuracy", "macro_f1", "per_class", "confusion_matrix")}
+    metrics["split"] = "validation"
+    metrics["examples"] = len(val_set)
+    warnings = [line for line in format_report(report).splitlines() if line.startswith("WARNING:")]
+    return metrics, [line.replace("the test data", "the validation split") for line in warnings]

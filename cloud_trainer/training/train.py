@@ -14,7 +14,6 @@ from typing import Any, Literal
 
 from cloud_trainer.errors import CloudTrainError
 from cloud_trainer.training.data import LabelledTexts
-from cloud_trainer.training.metrics import classification_metrics
 from cloud_trainer.training.plan import (
     FROZEN_BASE,
     FULL_FINE_TUNE,
@@ -298,6 +297,8 @@ def train_text_classifier(
     """
     from transformers import DataCollatorWithPadding, set_seed
 
+    from cloud_trainer.training.fit import build_trainer, validation_metrics
+
     tell: Callable[[str], None] = say or (print if config.progress else log.info)
     labels = sorted(set(train.labels) | set(val.labels))
     unseen = sorted(set(val.labels) - set(train.labels))
@@ -325,17 +326,10 @@ def train_text_classifier(
             tell(f"  epochs {fits}: about {per_epoch:.0f} s per epoch here, --max-minutes {config.max_minutes:g}")
             config = replace(config, epochs=float(fits))
     set_seed(config.seed)
-    trainer, best = _trainer(
-        config,
-        out_dir,
-        model,
-        (train_set, val_set),
-        collator=collator,
-        labels=labels,
-        weights=weights,
-        budget_s=budget_s,
-        tell=tell,
-    )
+    trainer, best = build_trainer(
+        config, out_dir, model, (train_set, val_set), collator=collator, labels=labels, weights=weights,
+        budget_s=budget_s, tell=tell, group_by_length=config.group_by_length,
+    )  # fmt: skip
     started = time.monotonic()
     trainer.train()
     minutes = (time.monotonic() - started) / 60
@@ -346,7 +340,7 @@ def train_text_classifier(
         if best.history:
             tell(f"kept epoch {best.best_epoch} (best validation {config.select_metric} {best.best_value:.4f})")
 
-    metrics, warnings = _validation_metrics(trainer, val_set, labels)
+    metrics, warnings = validation_metrics(trainer, val_set, labels)
     metrics.update(
         train_examples=len(train), val_examples=len(val), majority_baseline=summary.baseline,
         best_epoch=best.best_epoch if config.keep == "best" else len(best.history), epochs_run=len(best.history),
@@ -416,73 +410,3 @@ def _encode(encoder: TextEncoder, data: LabelledTexts, labels: list[str]) -> _En
         for e in encoder.encodings(data.texts)
     ]
     return _Encoded(features, [label2id[label] for label in data.labels])
-
-
-def _trainer(
-    config: TrainConfig, out_dir: Path, model: Any, splits: tuple[_Encoded, _Encoded], *, collator: Any,
-    labels: list[str], weights: list[float] | None, budget_s: float | None, tell: Callable[[str], None],
-) -> tuple[Any, Any]:  # fmt: skip
-    import numpy as np
-    from transformers import PrinterCallback, TrainingArguments
-
-    from cloud_trainer.training.fit import BestEpoch, WeightedLossTrainer
-
-    def compute_metrics(prediction: Any) -> dict[str, float]:
-        predicted = np.asarray(prediction.predictions).argmax(-1).tolist()
-        truth = np.asarray(prediction.label_ids).tolist()
-        m = classification_metrics([labels[i] for i in predicted], [labels[i] for i in truth], labels=labels)
-        return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
-
-    args = TrainingArguments(
-        output_dir=str(out_dir / "trainer"),
-        num_train_epochs=float(config.epochs or 1),
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=64,
-        learning_rate=float(config.learning_rate or 0),
-        weight_decay=config.weight_decay,
-        warmup_ratio=float(config.warmup_ratio or 0),
-        lr_scheduler_type="linear",
-        seed=config.seed,
-        data_seed=config.seed,
-        eval_strategy="epoch",
-        save_strategy="no",
-        logging_strategy="epoch",
-        group_by_length=config.group_by_length,
-        report_to=[],
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=False,
-    )
-    best = BestEpoch(metric=config.select_metric, patience=config.patience, budget_s=budget_s, say=tell)
-    trainer = WeightedLossTrainer(
-        model=model,
-        args=args,
-        train_dataset=splits[0],
-        eval_dataset=splits[1],
-        data_collator=collator,
-        compute_metrics=compute_metrics,
-        callbacks=[best],
-        class_weights=weights,
-        head_learning_rate=config.head_learning_rate,
-    )
-    trainer.remove_callback(PrinterCallback)  # type: ignore[no-untyped-call]
-    return trainer, best
-
-
-def _validation_metrics(trainer: Any, val_set: _Encoded, labels: list[str]) -> tuple[dict[str, Any], list[str]]:
-    """The kept model's validation metrics, and ``evaluate``'s warnings (no better than the majority, a class
-    never predicted)."""
-    import numpy as np
-
-    from cloud_trainer.training.evaluate import evaluate_predictions, format_report
-
-    prediction = trainer.predict(val_set)  # length-grouped: rows come back in another order, with their labels
-    predicted = [labels[i] for i in np.asarray(prediction.predictions).argmax(-1).tolist()]
-    truth = [labels[i] for i in np.asarray(prediction.label_ids).tolist()]
-    report = evaluate_predictions(predicted, truth, labels=labels, seconds=0.0)
-    metrics = {key: report[key] for key in ("accuracy", "macro_f1", "per_class", "confusion_matrix")}
-    metrics["split"] = "validation"
-    metrics["examples"] = len(val_set)
-    warnings = [line for line in format_report(report).splitlines() if line.startswith("WARNING:")]
-    return metrics, [line.replace("the test data", "the validation split") for line in warnings]
