@@ -286,6 +286,71 @@ class MqttRequester:
         self._transport.stop()
 
 
+class MqttSyncRequester:
+    """A single-threaded MQTT 5 requester: paho without its network thread, TCP_NODELAY.
+
+    Like ``http.client`` for HTTP, the calling thread writes the request and reads the reply
+    itself, so the round trip holds no hand-over between the caller and a network thread
+    (:class:`MqttRequester` has two: one to send, one to wake the caller). One caller at a time.
+    """
+
+    def __init__(self, *, host: str, port: int, infer_topic: str, reply_topic: str, qos: int, client_id: str) -> None:
+        import paho.mqtt.client as mqtt
+
+        from edge_agent.transport import set_nodelay
+
+        self.infer_topic = infer_topic
+        self.reply_topic = reply_topic
+        self.qos = qos
+        self._ids = itertools.count()
+        self._want: bytes | None = None
+        self._reply: bytes | None = None
+        self._subscribed = False
+        self._client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTProtocolVersion.MQTTv5
+        )
+        self._client.on_message = self._on_message
+        self._client.on_subscribe = lambda *_: setattr(self, "_subscribed", True)
+        self._client.connect(host, port, keepalive=60)
+        set_nodelay(self._client.socket())
+        self._client.subscribe(reply_topic, qos=qos)
+        self._spin(lambda: self._subscribed, timeout_s=10, what=f"a SUBACK for {reply_topic}")
+
+    def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
+        if getattr(message.properties, "CorrelationData", None) == self._want:
+            self._reply = bytes(message.payload)
+
+    def _spin(self, done: Any, *, timeout_s: float, what: str) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self._client.loop(timeout=min(left, 1.0)) != 0:
+                raise RuntimeError(f"MQTT connection lost while waiting for {what}")
+        return True
+
+    def predict(self, text: str) -> dict[str, Any]:
+        """One text, batch 1; the reply's JSON; raises if there is none in 10 s or it is not a 200."""
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.ResponseTopic = self.reply_topic
+        props.CorrelationData = self._want = f"s-{next(self._ids)}".encode()
+        self._reply = None
+        self._client.publish(self.infer_topic, json.dumps({"texts": [text]}).encode(), qos=self.qos, properties=props)
+        if not self._spin(lambda: self._reply is not None, timeout_s=10, what="a reply"):
+            raise RuntimeError(f"no MQTT reply on {self.reply_topic}")
+        reply: dict[str, Any] = json.loads(self._reply or b"")
+        if reply["status"] != 200:
+            raise RuntimeError(f"agent answered {reply['status']} over MQTT: {reply.get('error')}")
+        return reply
+
+    def close(self) -> None:
+        self._client.disconnect()
+
+
 class _Slot:
     __slots__ = ("event", "payload")
 
@@ -297,6 +362,7 @@ class _Slot:
 __all__ = [
     "MODEL",
     "MqttRequester",
+    "MqttSyncRequester",
     "ProcessStats",
     "free_port",
     "install_bundle",
