@@ -9,7 +9,6 @@ import threading
 from datetime import datetime, timezone
 from typing import Any, get_args
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from paho.mqtt.client import MQTTMessageInfo
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -21,7 +20,7 @@ from edge_agent.homeassistant import discovery_messages
 from edge_agent.mqtt_security import MqttSecurity
 from edge_agent.outbox import Outbox
 from edge_agent.protocol.errors import ProtocolError
-from edge_agent.protocol.release import key_id_of, load_public_key
+from edge_agent.protocol.release import PublicKey, key_id_of, load_public_key
 from edge_agent.protocol.samples import SamplingPolicy
 from edge_agent.protocol.state import Availability, DeviceState, HostFacts, UpdateState
 from edge_agent.protocol.topics import Topics
@@ -56,8 +55,8 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def load_trusted_keys(config: AgentConfig) -> dict[str, Ed25519PublicKey]:
-    keys: dict[str, Ed25519PublicKey] = {}
+def load_trusted_keys(config: AgentConfig) -> dict[str, PublicKey]:
+    keys: dict[str, PublicKey] = {}
     for path in config.update.trusted_keys:
         try:
             key = load_public_key(path)

@@ -38,15 +38,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from edge_agent.config import AgentConfig
 from edge_agent.fetch import ChunkFetcher, FetchCancelled, FetchRefused, FetchTimeout, assemble_bundle
 from edge_agent.fetch_http import HttpChunkFetcher, HttpFetchError
 from edge_agent.protocol.chunks import CHUNK_SIZE
 from edge_agent.protocol.errors import ProtocolError
 from edge_agent.protocol.manifest import MANIFEST_NAME, Manifest, sha256_bytes, verify_bundle_files
-from edge_agent.protocol.release import Release, in_canary, open_release
+from edge_agent.protocol.release import PublicKey, Release, in_canary, open_release
 from edge_agent.protocol.state import UpdateState
 from edge_agent.protocol.topics import Topics
 from edge_agent.runtime import Classifier, HealthCheckError, ModelHolder, ModelLoadError, load_classifier
@@ -183,7 +181,7 @@ class Updater:
         store: ModelStore,
         fetcher: ChunkFetcher,
         holder: ModelHolder,
-        trusted_keys: Mapping[str, Ed25519PublicKey],
+        trusted_keys: Mapping[str, PublicKey],
         report: Reporter,
         on_activated: Callable[[int], None] = lambda _version: None,
     ) -> None:

@@ -64,7 +64,7 @@ def sign_release(release: Release, key: Ed25519PrivateKey) -> SignedEnvelope:
     payload = release.to_json()
     signature = key.sign(payload.encode())
     return SignedEnvelope(
-        key_id=key_id_of(key.public_key()),
+        key_id=key_id_of(key.public_key().public_bytes_raw()),
         payload=payload,
         signature=base64.b64encode(signature).decode(),
     )

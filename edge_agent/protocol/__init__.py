@@ -26,6 +26,7 @@ from edge_agent.protocol.manifest import (
     verify_bundle_files,
 )
 from edge_agent.protocol.release import (
+    PublicKey,
     Release,
     SignedEnvelope,
     Target,
@@ -52,6 +53,7 @@ __all__ = [
     "Manifest",
     "NoPreprocessing",
     "ProtocolError",
+    "PublicKey",
     "Release",
     "SignatureError",
     "SignedEnvelope",

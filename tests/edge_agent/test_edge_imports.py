@@ -1,5 +1,6 @@
 """The edge stays light: importing and starting edge_agent, and decoding images on its vision path
-(Pillow), loads no torch, torchvision, transformers, optimum, onnx, export or cloud_trainer. Checked
+(Pillow), loads no torch, torchvision, transformers, optimum, onnx, export or cloud_trainer, and no
+cryptography (the cloud's signing library; a device verifies with libsodium). Checked
 in a fresh interpreter, through ``sys.modules``."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from tests.ports import refused_port
 FORBIDDEN = [
     "torch", "torchvision", "timm", "transformers", "optimum", "onnx", "export", "cloud_trainer",
     "sentence_transformers",
+    "cryptography",  # 9 MB of a device's memory: releases are verified with libsodium (PyNaCl)
 ]  # fmt: skip
 
 PROBE = r"""
@@ -92,3 +94,4 @@ def test_edge_extra_declares_no_heavy_dependency() -> None:
     edge = pyproject["project"]["optional-dependencies"]["edge"]
     names = {dep.split(";")[0].split(">")[0].split("=")[0].split("<")[0].strip().lower() for dep in edge}
     assert names.isdisjoint({"torch", "transformers", "optimum", "optimum-onnx", "onnx", "accelerate"}), names
+    assert "cryptography" not in names, names

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from datetime import datetime, timedelta, timezone
@@ -15,6 +16,7 @@ from edge_agent.protocol import (
     IntegrityError,
     MalformedPayload,
     Manifest,
+    PublicKey,
     Release,
     SignatureError,
     Target,
@@ -79,6 +81,55 @@ def test_unknown_key_and_garbage_are_refused(keypair: tuple[Path, Path], tmp_pat
         open_release(sign_release(_release(), load_private_key(private)).to_bytes(), {key_id_of(other): other})
     with pytest.raises(MalformedPayload, match=r"not a valid edgeloop\.signed/1"):
         open_release(b"\xff\x00", {})
+
+
+def test_public_keys_read_as_the_cloud_writes_them(keypair: tuple[Path, Path], tmp_path: Path) -> None:
+    """The device's own PEM reader (libsodium, no cryptography) agrees with cryptography's writer,
+    and names what is wrong with any other file."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    private, public = keypair
+    signing = load_private_key(private)
+    key = load_public_key(public)
+    assert isinstance(key, PublicKey)
+    assert key.raw == signing.public_key().public_bytes_raw()
+    assert key_id_of(key) == key_id_of(signing.public_key().public_bytes_raw())
+    assert key.to_pem() == public.read_bytes()
+    assert key.verify(signing.sign(b"payload"), b"payload")
+    assert not key.verify(signing.sign(b"payload"), b"payloaD")
+    assert not key.verify(b"short", b"payload")  # a signature of the wrong length is a refusal, not a crash
+
+    spki = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    others = {
+        "rsa.pub": rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key().public_bytes(*spki),
+        "ec.pub": ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(*spki),
+        "text.pub": b"hello\n",
+        "binary.pub": b"\xff\xfe",
+        "notb64.pub": b"-----BEGIN PUBLIC KEY-----\n!!!!\n-----END PUBLIC KEY-----\n",
+        "longer.pub": b"-----BEGIN PUBLIC KEY-----\n%s\n-----END PUBLIC KEY-----\n"
+        % base64.b64encode(base64.b64decode(b"".join(key.to_pem().splitlines()[1:-1])) + b"\x00"),
+    }
+    expected = {
+        "rsa.pub": "not an ed25519 key", "ec.pub": "not an ed25519 key", "text.pub": "not a PEM public key",
+        "binary.pub": "not a PEM public key", "notb64.pub": "not base64", "longer.pub": "not an ed25519 key",
+    }  # fmt: skip
+    for name, data in others.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=expected[name]):
+            load_public_key(tmp_path / name)
+    with pytest.raises(ValueError, match="cannot read trusted key"):
+        load_public_key(tmp_path / "missing.pub")
+
+
+def test_a_signature_that_is_not_64_bytes_is_refused_by_name(keypair: tuple[Path, Path]) -> None:
+    private, public = keypair
+    key = load_public_key(public)
+    envelope = json.loads(sign_release(_release(), load_private_key(private)).to_bytes())
+    for signature in ("", "AAAA", "é", "A" * 200):
+        envelope["signature"] = signature
+        with pytest.raises(SignatureError, match="does not verify"):
+            open_release(json.dumps(envelope).encode(), {key_id_of(key): key})
 
 
 def test_sequence_numbers_grow(keypair: tuple[Path, Path]) -> None:

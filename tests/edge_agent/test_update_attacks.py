@@ -168,7 +168,7 @@ def test_a_deeply_nested_payload_is_refused_by_name(
     nested = '{"fleet": ' + "[" * 100_000 + "]" * 100_000 + "}"
     key = load_private_key(keys.private)
     envelope = SignedEnvelope(
-        key_id=key_id_of(key.public_key()),
+        key_id=key_id_of(key.public_key().public_bytes_raw()),
         payload=nested,
         signature=base64.b64encode(key.sign(nested.encode())).decode(),
     )
