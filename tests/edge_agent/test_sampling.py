@@ -166,6 +166,37 @@ def test_remembered_inputs_are_held_compactly_and_exactly() -> None:
     assert 1000 < texts.remembered[1] < 1000 + 1024
 
 
+def test_a_many_class_models_predictions_are_remembered_compactly_with_their_exact_scores() -> None:
+    """Scores are kept as float32 in the model's label order: a 1,000-class prediction costs about
+    4.5 KB (a dict of floats cost 50 KB), so 16 MB remembers thousands of them, not 300."""
+    import tracemalloc
+
+    import numpy as np
+
+    labels = [f"class-{i}" for i in range(1000)]
+    rows = np.random.default_rng(0).random((400, 1000)).astype(np.float32)
+    sampler = Sampler(rules=SamplingRules(enabled=False), device="dev-1", fleet="f", model="imagenet",
+                      sink=lambda _records: None, remember=4096, remember_bytes=16 * 1024 * 1024)  # fmt: skip
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    ids: list[str] = []
+    for row in rows:
+        scores = dict(zip(labels, row, strict=True))  # as the classifier builds them (numpy float32 values)
+        best = int(row.argmax())
+        ids += sampler.observe(
+            [f"text {len(ids)}"], [Prediction(labels[best], row[best], scores)], 1, task="text-classification"
+        )
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    count, accounted = sampler.remembered
+    assert count == 400 and held / count < 6000  # measured: about 4,600 bytes each
+    assert 0.8 < held / accounted < 1.25  # the accounting is honest
+    record = sampler.feedback(ids[7], "class-3")
+    assert list(record.scores) == labels  # the label order is kept
+    assert record.scores == {label: float(value) for label, value in zip(labels, rows[7], strict=True)}
+    assert record.score == float(rows[7].max()) and record.predicted == labels[int(rows[7].argmax())]
+
+
 def test_sampling_config_bounds_remembered_memory() -> None:
     from pydantic import ValidationError
 
