@@ -44,6 +44,18 @@ def test_help_does_not_import_the_training_stack() -> None:
         assert command in result.stdout
 
 
+def test_export_target_default_is_the_exporters_default() -> None:
+    """The CLI spells the default out (importing export would slow --help); it must not drift."""
+    import argparse
+
+    from cloud_trainer.cli import build_parser
+    from export.quantize import DEFAULT_TARGET
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    target = next(a for a in commands.choices["export"]._actions if a.dest == "target")
+    assert target.default == DEFAULT_TARGET and f"default {DEFAULT_TARGET}" in (target.help or "")
+
+
 def test_push_errors_are_one_line(tmp_path: Path) -> None:
     registry = str(registered(tmp_path))
     missing_key = cloud_train("push", "intents", "--registry", registry, "--fleet", "f", "--key", str(tmp_path / "no"))
