@@ -267,13 +267,7 @@ class MqttRequester:
 
     def predict(self, text: str) -> dict[str, Any]:
         """One text, batch 1; the reply's JSON; raises if there is none or it is not a 200."""
-        payload = self.ask(json.dumps({"texts": [text]}).encode())
-        if payload is None:
-            raise RuntimeError(f"no MQTT reply on {self.reply_topic}")
-        reply: dict[str, Any] = json.loads(payload)
-        if reply["status"] != 200:
-            raise RuntimeError(f"agent answered {reply['status']} over MQTT: {reply.get('error')}")
-        return reply
+        return _ok_reply(self.ask(json.dumps({"texts": [text]}).encode()), self.reply_topic)
 
     def wait_agent(self, text: str, *, timeout_s: float = 60) -> None:
         """Until the agent answers over MQTT: a request to a topic nobody subscribes to yet is dropped."""
@@ -340,15 +334,21 @@ class MqttSyncRequester:
         props.CorrelationData = self._want = f"s-{next(self._ids)}".encode()
         self._reply = None
         self._client.publish(self.infer_topic, json.dumps({"texts": [text]}).encode(), qos=self.qos, properties=props)
-        if not self._spin(lambda: self._reply is not None, timeout_s=10, what="a reply"):
-            raise RuntimeError(f"no MQTT reply on {self.reply_topic}")
-        reply: dict[str, Any] = json.loads(self._reply or b"")
-        if reply["status"] != 200:
-            raise RuntimeError(f"agent answered {reply['status']} over MQTT: {reply.get('error')}")
-        return reply
+        self._spin(lambda: self._reply is not None, timeout_s=10, what="a reply")
+        return _ok_reply(self._reply, self.reply_topic)
 
     def close(self) -> None:
         self._client.disconnect()
+
+
+def _ok_reply(payload: bytes | None, reply_topic: str) -> dict[str, Any]:
+    """An MQTT inference reply's JSON; raises if there was none or it is not a 200."""
+    if payload is None:
+        raise RuntimeError(f"no MQTT reply on {reply_topic}")
+    reply: dict[str, Any] = json.loads(payload)
+    if reply["status"] != 200:
+        raise RuntimeError(f"agent answered {reply['status']} over MQTT: {reply.get('error')}")
+    return reply
 
 
 class _Slot:

@@ -101,13 +101,10 @@ def paired_gap(rows: dict[str, dict[str, Any]], row: str, baseline: str) -> floa
 
     Both were measured within seconds of each other in every round, so load that drifts between
     rounds (the usual noise on a shared 2-core machine) cancels in each difference; the median
-    then ignores a round that a burst of other work hit. Falls back to the p50 difference when a
-    row was not measured in rounds.
+    then ignores a round that a burst of other work hit. Both rows come from :func:`interleaved`.
     """
-    a, b = rows[row].get("round_p50"), rows[baseline].get("round_p50")
-    if not a or not b:
-        return float(rows[row]["p50"] - rows[baseline]["p50"])
-    return float(statistics.median(x - y for x, y in zip(a, b, strict=True)))
+    pairs = zip(rows[row]["round_p50"], rows[baseline]["round_p50"], strict=True)
+    return float(statistics.median(x - y for x, y in pairs))
 
 
 def summary(samples: list[float], throughput: float) -> dict[str, float]:

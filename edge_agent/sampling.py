@@ -61,7 +61,7 @@ class _Seen:
     input: SampleInput  # what the task keeps of the input (the text; an image's encoded bytes or numbers)
     label: str
     score: float
-    labels: tuple[str, ...]  # shared by every prediction of one model (see Sampler._shared_labels)
+    labels: tuple[str, ...]  # shared by every prediction of one model (see Sampler._seen)
     scores: array[float]
     version: int
     size: int  # accounted bytes

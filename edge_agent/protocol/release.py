@@ -11,7 +11,7 @@ sha256 and carries a sequence number (rollback protection) and an expiry (freeze
 
 Devices verify with libsodium (PyNaCl), not with ``cryptography``, which the cloud signs with: ed25519
 is one algorithm (RFC 8032) either way, and libsodium costs a device about 2 MB of memory where
-``cryptography``'s bundled OpenSSL costs 9 (docs/benchmarks.md, "Peak RSS").
+``cryptography``'s bundled OpenSSL costs 9 (docs/benchmarks.md, "libsodium on the device").
 """
 
 from __future__ import annotations
@@ -144,12 +144,6 @@ class PublicKey:
         except (CryptoError, ValueError, TypeError):  # BadSignatureError, or a signature not 64 bytes
             return False
         return True
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, PublicKey) and other.raw == self.raw
-
-    def __hash__(self) -> int:
-        return hash(self.raw)
 
     def __repr__(self) -> str:
         return f"PublicKey(key_id={key_id_of(self)!r})"
