@@ -34,6 +34,7 @@ import asyncio
 import email.utils
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -68,6 +69,7 @@ MAX_HEADER_BYTES = 16 * 1024
 MAX_HEADERS = 100
 MAX_URL_BYTES = 8 * 1024
 LINGER_S = 2.0
+READ_BUFFER_BYTES = 64 * 1024
 
 
 @dataclass
@@ -88,18 +90,20 @@ class Response:
 
     def encode(self, *, keep_alive: bool, head: bool = False) -> bytes:
         body = self.payload if isinstance(self.payload, bytes) else json.dumps(self.payload).encode()
-        lines = [
-            f"HTTP/1.1 {self.status.value} {self.status.phrase}",
-            f"Date: {_http_date()}",
-            f"Server: edge-agent/{__version__}",
-            f"Content-Type: {self.content_type}",
-            f"Content-Length: {len(body)}",
-            "Connection: keep-alive" if keep_alive else "Connection: close",
-        ]
-        lines += [f"{k}: {v}" for k, v in self.headers.items()]
+        headers = "".join(f"{k}: {v}\r\n" for k, v in self.headers.items())
         if self.status == HTTPStatus.SERVICE_UNAVAILABLE and "Retry-After" not in self.headers:
-            lines.append("Retry-After: 1")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head else body)
+            headers += "Retry-After: 1\r\n"
+        head_bytes = (
+            f"{_STATUS_LINES[self.status]}Date: {_http_date()}\r\n{_SERVER}Content-Type: {self.content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n{_KEEP_ALIVE if keep_alive else _CLOSE}{headers}\r\n"
+        ).encode("latin-1")
+        return head_bytes if head else head_bytes + body
+
+
+_STATUS_LINES = {status: f"HTTP/1.1 {status.value} {status.phrase}\r\n" for status in HTTPStatus}
+_SERVER = f"Server: edge-agent/{__version__}\r\n"
+_KEEP_ALIVE = "Connection: keep-alive\r\n"
+_CLOSE = "Connection: close\r\n"
 
 
 _date_cache: tuple[int, str] = (0, "")
@@ -204,6 +208,11 @@ class InferenceServer:
         self.metrics = self.service.metrics
         self.sampler = self.service.sampler
         self.connections = 0  # open connections; touched only on the loop's thread
+        self.live: set[_Connection] = set()  # those connections, for the timeout sweep
+        self.open_requests = 0  # requests read and not yet answered, on every connection (loop thread)
+        self.read_buffer = memoryview(bytearray(READ_BUFFER_BYTES))  # every connection reads into it in turn
+        timeouts = (config.header_timeout_s, config.body_timeout_s, config.idle_timeout_s)
+        self._tick_s = min(1.0, min(timeouts) / 4)  # the loop's heartbeat, and how often timeouts are swept
         self.heartbeat = time.monotonic()  # the loop turned (the systemd watchdog checks it)
         self.loop = self._loop = asyncio.new_event_loop()
         self._server: asyncio.base_events.Server | None = None
@@ -245,8 +254,15 @@ class InferenceServer:
         log.info("inference API on %s", where)
 
     def _beat(self) -> None:
+        """Every tick: mark the loop alive (the watchdog reads it) and time out the connections whose
+        phase (headers, body, keep-alive idle) has passed its deadline."""
         self.heartbeat = time.monotonic()
-        self._loop.call_later(1.0, self._beat)
+        now = self._loop.time()
+        try:
+            for connection in [c for c in self.live if c.deadline <= now]:
+                connection.expire()
+        finally:
+            self._loop.call_later(self._tick_s, self._beat)
 
     def loop_problem(self, *, max_stall_s: float) -> str | None:
         """Why the HTTP loop looks stuck (for the systemd watchdog), or None."""
@@ -293,9 +309,7 @@ class InferenceServer:
         if endpoint is not None and response.status != HTTPStatus.NOT_FOUND:
             # counted on the loop's next turn, after the reply is written (as the sampler is)
             failed = response.status == HTTPStatus.INTERNAL_SERVER_ERROR
-            asyncio.get_running_loop().call_soon(
-                self._count, endpoint, int(response.status), time.perf_counter() - start, failed
-            )
+            self._loop.call_soon(self._count, endpoint, int(response.status), time.perf_counter() - start, failed)
         return response
 
     def _count(self, endpoint: str, status: int, seconds: float, failed: bool) -> None:
@@ -375,7 +389,7 @@ class InferenceServer:
         body = decode_body(request, self.config.max_body_bytes)
         parsed = self.service.parse_predict(body, model, content_type=request.headers.get("content-type"))
         start = time.perf_counter()
-        version, predictions = await self.service.infer(parsed.inputs)
+        version, predictions = await self.service.infer(parsed.inputs, alone=self.open_requests == 1)
         elapsed_ms = round((time.perf_counter() - start) * 1000, 3)
         ids = self.service.observe_after_reply(parsed.inputs, version, predictions, model.manifest.task)
         return Response(HTTPStatus.OK, {
@@ -412,7 +426,7 @@ class InferenceServer:
         except kserve.ProtocolViolation as exc:
             raise RequestError(exc.status, str(exc)) from None
         inputs = self.service.check_inputs(decoded.inputs, model)
-        version, predictions = await self.service.infer(inputs)
+        version, predictions = await self.service.infer(inputs, alone=self.open_requests == 1)
         self.service.observe_after_reply(inputs, version, predictions, model.manifest.task)
         payload, headers = kserve.encode_response(
             decoded, predictions, model=self.model_name, version=version, labels=model.labels
@@ -422,8 +436,12 @@ class InferenceServer:
         )
 
 
-class _Connection(asyncio.Protocol):
-    """One HTTP/1.1 connection: llhttp framing, per-phase timeouts, pipelined requests in order."""
+class _Connection(asyncio.BufferedProtocol):
+    """One HTTP/1.1 connection: llhttp framing, per-phase timeouts, pipelined requests in order.
+
+    Reads go into the server's one read buffer (``recv_into``, no allocation per read; the parser
+    copies what it keeps). Each phase's timeout is a deadline that the server's once-a-tick sweep
+    enforces, not a timer per phase per request."""
 
     def __init__(self, server: InferenceServer) -> None:
         self.server = server
@@ -437,7 +455,9 @@ class _Connection(asyncio.Protocol):
         self.counted = False
         self.writable = asyncio.Event()
         self.writable.set()
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = math.inf  # when the current phase times out (loop time); inf: no timeout
+        self.deadline_message: str | None = None  # its error; None: an idle keep-alive connection
+        self.linger: asyncio.TimerHandle | None = None
         self._url = b""
         self._headers: dict[str, str] = {}
         self._header_bytes = 0
@@ -454,16 +474,21 @@ class _Connection(asyncio.Protocol):
             self._fail(RequestError(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; try again"))
             return
         self.server.connections += 1
+        self.server.live.add(self)
         self.counted = True
         self._arm(self.config.idle_timeout_s, None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.counted:
             self.server.connections -= 1
+            self.server.live.discard(self)
             self.counted = False
         self.closing = True
         self.writable.set()
         self._cancel_timer()
+        if self.linger is not None:
+            self.linger.cancel()
+            self.linger = None
 
     def pause_writing(self) -> None:
         self.writable.clear()
@@ -471,11 +496,14 @@ class _Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.writable.set()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.server.read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
         if self.closing:
             return  # lingering after an error: read and dropped
         try:
-            self.parser.feed_data(data)
+            self.parser.feed_data(self.server.read_buffer[:nbytes])
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, RequestError):
@@ -537,8 +565,10 @@ class _Connection(asyncio.Protocol):
         url = httptools.parse_url(self._url) if self._url else None
         path = url.path.decode("latin-1") if url is not None and url.path else "/"
         method = self.parser.get_method().decode("latin-1")
-        request = Request(method, path, self._headers, b"".join(self._body), self.parser.should_keep_alive())
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        request = Request(method, path, self._headers, body, self.parser.should_keep_alive())
         self.pending.append(request)
+        self.server.open_requests += 1
         if len(self.pending) > 1 and self.transport is not None:
             self.transport.pause_reading()  # pipelining: read no further until the backlog is answered
         if not self.busy:
@@ -550,7 +580,10 @@ class _Connection(asyncio.Protocol):
         try:
             while self.pending and not self.closing and self.transport is not None:
                 request = self.pending.popleft()
-                response = await self.server.handle(request)
+                try:
+                    response = await self.server.handle(request)
+                finally:
+                    self.server.open_requests -= 1
                 keep_alive = request.keep_alive and not self.closing
                 self.transport.write(response.encode(keep_alive=keep_alive, head=request.method == "HEAD"))
                 if not keep_alive:
@@ -568,6 +601,8 @@ class _Connection(asyncio.Protocol):
                     self.transport.resume_reading()
         finally:
             self.busy = False
+            self.server.open_requests -= len(self.pending)  # never to be answered: the connection ends
+            self.pending.clear()
         if not self.closing:
             self._arm(self.config.idle_timeout_s, None)
 
@@ -585,7 +620,7 @@ class _Connection(asyncio.Protocol):
         transport.write(_error(exc).encode(keep_alive=False))
         if transport.can_write_eof():
             transport.write_eof()
-            self.timer = self.loop.call_later(LINGER_S, transport.close)
+            self.linger = self.loop.call_later(LINGER_S, transport.close)
         else:
             transport.close()
 
@@ -594,16 +629,16 @@ class _Connection(asyncio.Protocol):
 
     def _arm(self, seconds: float, message: str | None) -> None:
         """A timeout for the phase that starts now; ``message`` None: an idle keep-alive connection."""
-        self._cancel_timer()
-        self.timer = self.loop.call_later(seconds, self._timed_out, message)
+        self.deadline = self.loop.time() + seconds
+        self.deadline_message = message
 
     def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline = math.inf
 
-    def _timed_out(self, message: str | None) -> None:
-        self.timer = None
+    def expire(self) -> None:
+        """The current phase's deadline has passed (the server's sweep calls it)."""
+        message = self.deadline_message
+        self.deadline = math.inf
         if self.busy or self.closing or self.transport is None:
             return
         if message is None:

@@ -71,6 +71,8 @@ class ServingMetrics:
         self.active_version = Gauge("edge_agent_active_version", "Model version serving", registry=self.registry)
         self._state = _AgentState()
         self.registry.register(self._state)
+        self._request_series: dict[tuple[str, int], Counter] = {}
+        self._latency_series: dict[str, Histogram] = {}
         self._lock = threading.Lock()
         self._recent: deque[tuple[float, float, bool]] = deque(maxlen=window)  # (time, seconds, ok)
 
@@ -101,11 +103,17 @@ class ServingMetrics:
         }
 
     def observe(self, endpoint: str, code: int, seconds: float, *, inference_failed: bool = False) -> None:
-        self.requests.labels(endpoint=endpoint, code=str(code)).inc()
+        counter = self._request_series.get((endpoint, code))
+        if counter is None:  # prometheus-client's labels() is a lookup under a lock: once per series
+            counter = self._request_series[(endpoint, code)] = self.requests.labels(endpoint=endpoint, code=str(code))
+        counter.inc()
         if inference_failed:
             self.inference_errors.inc()
         if code < 400 or inference_failed:
-            self.latency.labels(endpoint=endpoint).observe(seconds)
+            histogram = self._latency_series.get(endpoint)
+            if histogram is None:
+                histogram = self._latency_series[endpoint] = self.latency.labels(endpoint=endpoint)
+            histogram.observe(seconds)
             with self._lock:
                 self._recent.append((time.monotonic(), seconds, not inference_failed))
 

@@ -155,7 +155,7 @@ class InferenceService:
             workers=self.serving.workers,
         )
         self._input_limits = InputLimits(max_text_chars=limits.max_text_chars, max_tensor_bytes=limits.max_body_bytes)
-        self._in_flight = 0  # requests inside infer(); touched only on the event loop's thread
+        self._loop: asyncio.AbstractEventLoop | None = None  # where infer() runs (set on its first call)
         self.stats = InferenceStats()  # Triton's statistics extension
 
     def start(self) -> None:
@@ -234,30 +234,36 @@ class InferenceService:
         except Overloaded as exc:
             raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc)) from None
 
-    async def infer(self, inputs: list[Any]) -> tuple[int, list[Result]]:
-        """Run validated inputs on the event loop's thread; every failure is a classified :class:`RequestError`."""
-        self._in_flight += 1
+    async def infer(self, inputs: list[Any], *, alone: bool = False) -> tuple[int, list[Result]]:
+        """Run validated inputs on the event loop's thread; every failure is a classified :class:`RequestError`.
+
+        ``alone``: the front end has no other request open (read, not yet answered), so this one runs
+        at once on the loop's thread, sparing it two thread hand-offs, unless the batcher is busy
+        with others (MQTT's). With company, every request goes to the batcher's workers, the loop
+        stays free to read more, and batches form. All requests that one turn of the loop reads are
+        counted before any of them gets here, so a burst is never run one by one on the loop.
+        """
+        loop = self._loop or self._bind_loop()
         start = time.perf_counter()
         try:
-            # Let the other connections whose requests are already readable reach this point too:
-            # a request alone runs inline on the loop (no thread hand-off); with company, every one
-            # goes to the batcher's workers, the loop stays free to read more, and batches form.
-            await asyncio.sleep(0)
-            inline = self.batcher.try_inline(inputs) if self._in_flight == 1 else None
+            inline = self.batcher.try_inline(inputs) if alone else None
             if inline is not None:
                 version, predictions = inline
             else:
-                future = asyncio.wrap_future(self.submit(inputs))
+                future = asyncio.wrap_future(self.submit(inputs), loop=loop)
                 version, predictions = await asyncio.wait_for(future, self.serving.request_timeout_s)
         except RequestError:
             raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status; the server goes on
             raise self.failed(exc, inputs=len(inputs), seconds=time.perf_counter() - start) from None
-        finally:
-            self._in_flight -= 1
         # counted on the loop's next turn, after the reply is written (the watch window sees it then)
-        asyncio.get_running_loop().call_soon(self.succeeded, version, len(inputs), time.perf_counter() - start)
+        loop.call_soon(self.succeeded, version, len(inputs), time.perf_counter() - start)
         return version, predictions
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop that :meth:`infer` runs on (one, the HTTP server's), looked up once."""
+        self._loop = asyncio.get_running_loop()
+        return self._loop
 
     def succeeded(self, version: int, inputs: int, seconds: float) -> None:
         """Count a successful inference (any front end)."""
@@ -301,7 +307,7 @@ class InferenceService:
         if not self.samples(task):
             return None
         ids = prediction_ids(len(predictions))
-        asyncio.get_running_loop().call_soon(self.observe, inputs, version, predictions, task, ids)
+        (self._loop or self._bind_loop()).call_soon(self.observe, inputs, version, predictions, task, ids)
         return ids
 
     def observe(

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -142,6 +146,67 @@ def test_connections_past_the_cap_get_503(server: InferenceServer) -> None:
     while http_json(port, "GET", "/v2/health/live")[0] != 200:  # the slots free up as they close
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def test_a_lone_request_runs_on_the_loop_and_a_burst_batches_on_the_workers(tmp_path: Path) -> None:
+    """The HTTP server counts the requests it has read and not yet answered: one alone runs inline
+    on its loop, a burst from many connections goes to the batcher's workers. The count must come
+    back to zero whatever the clients do (pipelining, closing mid-request, framing errors), or every
+    later request would take the slower path."""
+    make_tiny_bundle(tmp_path / "b", version=3)
+    holder = ModelHolder()
+    model = TextClassifier(bundle_dir=tmp_path / "b", manifest=Manifest.read(tmp_path / "b"),
+                           providers=["CPUExecutionProvider"])  # fmt: skip
+    ran_on: list[str] = []
+    real_run = model.run
+
+    def run(inputs: Any) -> Any:
+        ran_on.append(threading.current_thread().name)
+        time.sleep(0.01)  # long enough for a burst to queue behind it
+        return real_run(inputs)
+
+    model.run = run  # type: ignore[method-assign]
+    holder.swap(model)
+    srv = InferenceServer(config=HttpConfig(port=0), holder=holder, model_name="intents")
+    srv.start()
+    port = srv.address[1]
+    request = b'POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 21\r\n\r\n{"texts": ["lights"]}'
+    try:
+        assert http_json(port, "POST", "/v1/predict", {"texts": ["lights on"]})[0] == 200
+        assert ran_on == ["http"]  # alone: inline on the loop's thread
+
+        def client(_: int) -> list[int]:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                got: list[int] = []
+                for _ in range(4):
+                    sock.sendall(request)
+                    got += statuses(sock.recv(65536))
+                return got
+
+        with ThreadPoolExecutor(12) as pool:
+            answers = [s for got in pool.map(client, range(12)) for s in got]
+        assert answers == [200] * 48
+        assert any(name.startswith("inference-") for name in ran_on), set(ran_on)  # the burst batched
+
+        def every_status(raw: bytes) -> list[int]:  # answers follow each other's bodies on one line
+            return [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", raw)]
+
+        pipelined = request * 3 + b"GET /v2 HTTP/1.1\r\nConnection: close\r\n\r\n"
+        assert every_status(raw_exchange(port, pipelined)) == [200, 200, 200, 200]
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(request * 2)  # and gone before the answers
+        # a framing error ends the connection at once: the good request read with it is dropped
+        assert every_status(raw_exchange(port, request + b"NOT HTTP\r\n\r\n")) == [400]
+
+        deadline = time.monotonic() + 5
+        while srv.open_requests != 0:  # the abandoned connection's requests are answered or dropped
+            assert time.monotonic() < deadline, f"{srv.open_requests} requests still counted as open"
+            time.sleep(0.02)
+        ran_on.clear()
+        assert http_json(port, "POST", "/v1/predict", {"texts": ["lights off"]})[0] == 200
+        assert ran_on == ["http"]  # alone again: inline
+    finally:
+        srv.stop()
 
 
 def test_tritonclient_config_statistics_gzip_and_class_count(server: InferenceServer) -> None:
