@@ -89,7 +89,7 @@ class Response:
     content_type: str = "application/json"
 
     def encode(self, *, keep_alive: bool, head: bool = False) -> bytes:
-        body = self.payload if isinstance(self.payload, bytes) else json.dumps(self.payload).encode()
+        body = self.payload if isinstance(self.payload, bytes) else _JSON.encode(self.payload).encode()
         headers = "".join(f"{k}: {v}\r\n" for k, v in self.headers.items())
         if self.status == HTTPStatus.SERVICE_UNAVAILABLE and "Retry-After" not in self.headers:
             headers += "Retry-After: 1\r\n"
@@ -100,6 +100,7 @@ class Response:
         return head_bytes if head else head_bytes + body
 
 
+_JSON = json.JSONEncoder(check_circular=False)  # replies are built here, never cyclic
 _STATUS_LINES = {status: f"HTTP/1.1 {status.value} {status.phrase}\r\n" for status in HTTPStatus}
 _SERVER = f"Server: edge-agent/{__version__}\r\n"
 _KEEP_ALIVE = "Connection: keep-alive\r\n"
