@@ -216,6 +216,7 @@ class InferenceServer:
         self._tick_s = min(1.0, min(timeouts) / 4)  # the loop's heartbeat, and how often timeouts are swept
         self.heartbeat = time.monotonic()  # the loop turned (the systemd watchdog checks it)
         self.loop = self._loop = asyncio.new_event_loop()
+        self.service.bind_loop(self._loop)
         self._server: asyncio.base_events.Server | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, name="http", daemon=True)
         self._address: tuple[str, int] = ("", 0)

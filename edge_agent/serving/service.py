@@ -155,7 +155,8 @@ class InferenceService:
             workers=self.serving.workers,
         )
         self._input_limits = InputLimits(max_text_chars=limits.max_text_chars, max_tensor_bytes=limits.max_body_bytes)
-        self._loop: asyncio.AbstractEventLoop | None = None  # where infer() runs (set on its first call)
+        self.loop: asyncio.AbstractEventLoop | None = None  # the one loop infer() runs on, once known
+        self._loops: set[asyncio.AbstractEventLoop] = set()
         self.stats = InferenceStats()  # Triton's statistics extension
 
     def start(self) -> None:
@@ -243,7 +244,7 @@ class InferenceService:
         stays free to read more, and batches form. All requests that one turn of the loop reads are
         counted before any of them gets here, so a burst is never run one by one on the loop.
         """
-        loop = self._loop or self._bind_loop()
+        loop = self._running_loop()
         start = time.perf_counter()
         try:
             inline = self.batcher.try_inline(inputs) if alone else None
@@ -260,10 +261,16 @@ class InferenceService:
         loop.call_soon(self.succeeded, version, len(inputs), time.perf_counter() - start)
         return version, predictions
 
-    def _bind_loop(self) -> asyncio.AbstractEventLoop:
-        """The event loop that :meth:`infer` runs on (one, the HTTP server's), looked up once."""
-        self._loop = asyncio.get_running_loop()
-        return self._loop
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """An HTTP front end's loop, on which it will call :meth:`infer`. With one, infer() uses it;
+        with loops of two front ends it looks up the running one at each call."""
+        self._loops.add(loop)
+        self.loop = loop if len(self._loops) == 1 else None
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop :meth:`infer` runs on: the one its front end named (the HTTP server's), else the
+        running one (``asyncio.get_running_loop`` makes a system call each time)."""
+        return self.loop if self.loop is not None else asyncio.get_running_loop()
 
     def succeeded(self, version: int, inputs: int, seconds: float) -> None:
         """Count a successful inference (any front end)."""
@@ -307,7 +314,7 @@ class InferenceService:
         if not self.samples(task):
             return None
         ids = prediction_ids(len(predictions))
-        (self._loop or self._bind_loop()).call_soon(self.observe, inputs, version, predictions, task, ids)
+        self._running_loop().call_soon(self.observe, inputs, version, predictions, task, ids)
         return ids
 
     def observe(
