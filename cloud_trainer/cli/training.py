@@ -133,9 +133,9 @@ def _add_export(sub: Any) -> None:
                         "within a few thousandths of fp32's probabilities, but slower")  # fmt: skip
     # the default is export.quantize.DEFAULT_TARGET (not imported here: --help stays instant)
     p.add_argument("--target", choices=["avx2", "avx512_vnni", "arm64", "gpu"], default="avx2",
-                   help="where the bundle runs: a CPU preset for dynamic int8 (default avx2: 7-bit "
-                        "weights, computed right by every CPU kernel; arm64 and avx512_vnni: 8-bit weights, more "
-                        "accurate and faster where the device computes them right, which its health check "
+                   help="where the bundle runs: a CPU preset for dynamic int8 (default avx2: unsigned 8-bit "
+                        "weights, computed right by every CPU kernel; arm64 and avx512_vnni: signed 8-bit weights, "
+                        "faster where the device computes them right, which its health check "
                         "verifies), or gpu (a Jetson's CUDA and TensorRT providers: fp16 by default)")  # fmt: skip
     p.add_argument("--max-accuracy-drop", type=float, default=1.0,
                    help="quantization gate: accuracy points the bundle may lose against fp32 (default 1.0); "
