@@ -208,8 +208,7 @@ class InferenceServer:
         self.model_name = model_name
         self.metrics = self.service.metrics
         self.sampler = self.service.sampler
-        self.connections = 0  # open connections; touched only on the loop's thread
-        self.live: set[_Connection] = set()  # those connections, for the timeout sweep
+        self.live: set[_Connection] = set()  # open connections (loop thread): the cap and the timeout sweep
         self.open_requests = 0  # requests read and not yet answered, on every connection (loop thread)
         self.read_buffer = memoryview(bytearray(READ_BUFFER_BYTES))  # every connection reads into it in turn
         timeouts = (config.header_timeout_s, config.body_timeout_s, config.idle_timeout_s)
@@ -221,6 +220,11 @@ class InferenceServer:
         self._thread = threading.Thread(target=self._loop.run_forever, name="http", daemon=True)
         self._address: tuple[str, int] = ("", 0)
         self._bind()  # bind now, so a taken port fails at start-up with a clear error
+
+    @property
+    def connections(self) -> int:
+        """Open connections (those past the cap are refused and not counted)."""
+        return len(self.live)
 
     @property
     def batcher(self) -> Batcher:
@@ -454,7 +458,6 @@ class _Connection(asyncio.BufferedProtocol):
         self.pending: deque[Request] = deque()
         self.busy = False
         self.closing = False
-        self.counted = False
         self.writable = asyncio.Event()
         self.writable.set()
         self.deadline = math.inf  # when the current phase times out (loop time); inf: no timeout
@@ -475,19 +478,14 @@ class _Connection(asyncio.BufferedProtocol):
                         self.config.max_connections)  # fmt: skip
             self._fail(RequestError(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; try again"))
             return
-        self.server.connections += 1
         self.server.live.add(self)
-        self.counted = True
         self._arm(self.config.idle_timeout_s, None)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.counted:
-            self.server.connections -= 1
-            self.server.live.discard(self)
-            self.counted = False
+        self.server.live.discard(self)  # absent if it was refused at the cap
         self.closing = True
         self.writable.set()
-        self._cancel_timer()
+        self._clear_deadline()
         if self.linger is not None:
             self.linger.cancel()
             self.linger = None
@@ -563,7 +561,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        self._cancel_timer()
+        self._clear_deadline()
         url = httptools.parse_url(self._url) if self._url else None
         path = url.path.decode("latin-1") if url is not None and url.path else "/"
         method = self.parser.get_method().decode("latin-1")
@@ -615,7 +613,7 @@ class _Connection(asyncio.BufferedProtocol):
         dropped for a moment, so the kernel does not answer it with a reset that would destroy the
         error response before the client has read it."""
         self.closing = True
-        self._cancel_timer()
+        self._clear_deadline()
         transport = self.transport
         if transport is None or transport.is_closing():
             return
@@ -634,7 +632,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.deadline = self.loop.time() + seconds
         self.deadline_message = message
 
-    def _cancel_timer(self) -> None:
+    def _clear_deadline(self) -> None:
         self.deadline = math.inf
 
     def expire(self) -> None:
