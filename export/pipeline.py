@@ -17,6 +17,7 @@ from export.gates import judge_quantization
 from export.onnx_export import export_onnx, onnx_opset
 from export.quantize import (
     DEFAULT_TARGET,
+    DEFAULT_TEXT_QUANTIZATION,
     QUANTIZATIONS,
     convert_fp16,
     optimize_transformer,
@@ -70,7 +71,7 @@ class ExportRequest:
     max_length: int = 128
     truncation: str = "head"
     head_tokens: int = 0
-    quantization: str = "dynamic-int8"
+    quantization: str = DEFAULT_TEXT_QUANTIZATION
     target: str = DEFAULT_TARGET
     calibration_texts: list[str] = field(default_factory=list)
     max_accuracy_drop: float = 1.0

@@ -25,7 +25,8 @@ def _export_precision(args: argparse.Namespace, family: Any = None) -> tuple[str
     """``(quantization, CPU preset)`` for ``--quantize`` and ``--target``: a GPU target (a Jetson's
     CUDA and TensorRT providers) ships fp16 unless told otherwise; dynamic int8 is CPU-only there.
     On a CPU, a family (:class:`cloud_trainer.training.families.Family`) ships its ``cpu_quantization``
-    unless told otherwise, and refuses what is not among its ``quantizations``."""
+    unless told otherwise (a named CPU preset asks for dynamic int8 where the family has it), and
+    refuses what is not among its ``quantizations``."""
     if args.target == "gpu" and args.quantize == "dynamic-int8":
         raise CloudTrainError(
             "--target gpu: dynamic int8 (MatMulInteger) has no CUDA or TensorRT kernel and would run on the "
@@ -35,9 +36,14 @@ def _export_precision(args: argparse.Namespace, family: Any = None) -> tuple[str
         raise CloudTrainError(
             f"--quantize {args.quantize}: the {family.name} family ships {', '.join(family.quantizations)}"
         )
-    if args.target != "gpu":
-        return args.quantize or (family.cpu_quantization if family is not None else "dynamic-int8"), args.target
-    return args.quantize or "fp16", "avx2"  # the preset is unused without dynamic int8
+    preset = "avx2" if args.target in (None, "gpu") else args.target  # export.quantize.DEFAULT_TARGET
+    if args.target == "gpu":
+        return args.quantize or "fp16", preset  # the preset is unused without dynamic int8
+    if args.quantize is not None:
+        return args.quantize, preset
+    default = family.cpu_quantization if family is not None else "weight-int8"
+    dynamic_here = family is None or "dynamic-int8" in family.quantizations
+    return ("dynamic-int8" if args.target is not None and dynamic_here else default), preset
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -127,16 +133,18 @@ def _add_export(sub: Any) -> None:
     p.add_argument("--model", default="intents", help="model name in the fleet (default intents)")
     p.add_argument("--version", type=int, help="default: the next version")
     p.add_argument("--quantize", choices=["dynamic-int8", "static-int8", "weight-int8", "fp16", "none"],
-                   help="precision of the shipped model (default on a CPU: dynamic-int8 for text, static-int8 "
+                   help="precision of the shipped model (default on a CPU: weight-int8 for text, static-int8 "
                         "calibrated on training images for image and digits; fp16 for --target gpu). "
-                        "weight-int8 (text): int8 weights with fp32 activations, as small as dynamic-int8 and "
-                        "within a few thousandths of fp32's probabilities, but slower")  # fmt: skip
-    # the default is export.quantize.DEFAULT_TARGET (not imported here: --help stays instant)
-    p.add_argument("--target", choices=["avx2", "avx512_vnni", "arm64", "gpu"], default="avx2",
-                   help="where the bundle runs: a CPU preset for dynamic int8 (default avx2: unsigned 8-bit "
-                        "weights, computed right by every CPU kernel; arm64 and avx512_vnni: signed 8-bit weights, "
-                        "faster where the device computes them right, which its health check "
-                        "verifies), or gpu (a Jetson's CUDA and TensorRT providers: fp16 by default)")  # fmt: skip
+                        "weight-int8 (text): int8 weights in blocks of 64, each text's activations quantized "
+                        "per block, so its answer does not depend on its batch; dynamic-int8: one activation "
+                        "scale per batch, about as fast, several times as many changed answers")  # fmt: skip
+    # no default: _export_precision resolves it (export.quantize is not imported here: --help stays instant)
+    p.add_argument("--target", choices=["avx2", "avx512_vnni", "arm64", "gpu"],
+                   help="where the bundle runs (default: a CPU, with the --quantize default; dynamic int8 there "
+                        "uses preset avx2). A CPU preset asks for dynamic int8 with it: avx2, unsigned 8-bit "
+                        "weights, computed right by every CPU kernel; arm64 and avx512_vnni, signed 8-bit weights, "
+                        "faster where the device computes them right, which its health check verifies. gpu: "
+                        "a Jetson's CUDA and TensorRT providers, fp16 by default")  # fmt: skip
     p.add_argument("--max-accuracy-drop", type=float, default=1.0,
                    help="quantization gate: accuracy points the bundle may lose against fp32 (default 1.0); "
                         "a larger drop fails if significant (McNemar p < 0.05) or over 3x this")  # fmt: skip

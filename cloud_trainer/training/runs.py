@@ -21,7 +21,7 @@ from cloud_trainer.errors import DataError
 from cloud_trainer.releases.registry import ModelVersion, Registry
 from cloud_trainer.training.data import LabelledTexts, file_sha256, load_labelled, stratified_split
 from cloud_trainer.training.train import TrainConfig, TrainResult, train_text_classifier
-from export.quantize import DEFAULT_TARGET
+from export.quantize import DEFAULT_TARGET, DEFAULT_TEXT_QUANTIZATION
 
 if TYPE_CHECKING:
     from export import ExportResult
@@ -91,7 +91,7 @@ def export_run(
     *,
     model: str,
     version: int,
-    quantization: str = "dynamic-int8",
+    quantization: str = DEFAULT_TEXT_QUANTIZATION,
     target: str = DEFAULT_TARGET,
     max_accuracy_drop: float = 1.0,
     max_f1_drop: float = 0.02,

@@ -53,7 +53,11 @@ def test_export_target_default_is_the_exporters_default() -> None:
 
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     target = next(a for a in commands.choices["export"]._actions if a.dest == "target")
-    assert target.default == DEFAULT_TARGET and f"default {DEFAULT_TARGET}" in (target.help or "")
+    assert target.default is None and f"uses preset {DEFAULT_TARGET}" in (target.help or "")
+    from cloud_trainer.cli.training import _export_precision
+
+    resolved = _export_precision(argparse.Namespace(quantize="dynamic-int8", target=None))
+    assert resolved == ("dynamic-int8", DEFAULT_TARGET)
 
 
 def test_push_errors_are_one_line(tmp_path: Path) -> None:

@@ -45,7 +45,7 @@ def test_accuracy_gate_fails_on_purpose_with_both_numbers(tmp_path: Path) -> Non
         # a negative allowance cannot be met: the gate must refuse and say why
         export_run(tmp_path / "run", tmp_path / "bundle", model="intents", version=1, max_accuracy_drop=-5.0)
     message = str(failure.value)
-    assert "dynamic-int8 accuracy" in message
+    assert "weight-int8 accuracy" in message  # the default for text
     assert "below fp32" in message
     assert message.count("%") >= 2
     assert "the gate allows -5.00" in message

@@ -78,12 +78,13 @@ def test_check_config_says_which_providers_this_build_has_and_which_the_model_ge
 
 
 def _args(**kw: object) -> argparse.Namespace:
-    return argparse.Namespace(**{"quantize": None, "target": "avx2", **kw})
+    return argparse.Namespace(**{"quantize": None, "target": None, **kw})
 
 
 def test_gpu_bundles_are_fp16_by_default_and_dynamic_int8_is_refused_for_them() -> None:
-    assert _export_precision(_args()) == ("dynamic-int8", "avx2")
-    assert _export_precision(_args(target="arm64")) == ("dynamic-int8", "arm64")
+    assert _export_precision(_args()) == ("weight-int8", "avx2")
+    assert _export_precision(_args(target="arm64")) == ("dynamic-int8", "arm64")  # a named preset: dynamic int8
+    assert _export_precision(_args(target="arm64", quantize="weight-int8")) == ("weight-int8", "arm64")
     assert _export_precision(_args(target="gpu")) == ("fp16", "avx2")
     assert _export_precision(_args(target="gpu", quantize="static-int8")) == ("static-int8", "avx2")
     with pytest.raises(CloudTrainError, match="no CUDA or TensorRT kernel"):

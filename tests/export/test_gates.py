@@ -87,7 +87,7 @@ def test_one_or_two_flipped_examples_of_120_pass(flips: int) -> None:
 @pytest.mark.parametrize(
     ("variant", "next_step"),
     [
-        ("dynamic-int8", "try --quantize weight-int8 (int8 weights, fp32 activations) or static-int8 (calibrated)"),
+        ("dynamic-int8", "try --quantize weight-int8 (int8 weights in blocks, activations per block) or static-int8"),
         ("static-int8", "try --quantize weight-int8, or dynamic-int8 with --target avx512_vnni/arm64"),
         ("weight-int8", "try --quantize fp16 (GPU) or none"),
         ("fp16", "try --quantize none"),

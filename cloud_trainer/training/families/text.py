@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from cloud_trainer.errors import CloudTrainError
 from cloud_trainer.training.families.base import ExportOptions, Family, report_test
+from export.quantize import DEFAULT_TEXT_QUANTIZATION
 
 if TYPE_CHECKING:
     from cloud_trainer.training.evaluate import SourceModel
@@ -30,8 +31,8 @@ class TextFamily(Family):
     name: ClassVar[str] = "text"
     summary: ClassVar[str] = "a Hugging Face text classifier (default: the packaged MiniLM) on labelled texts"
     inputs: ClassVar[Literal["texts", "images"]] = "texts"
-    quantizations: ClassVar[tuple[str, ...]] = ("dynamic-int8", "static-int8", "weight-int8", "fp16", "none")
-    cpu_quantization: ClassVar[str] = "dynamic-int8"
+    quantizations: ClassVar[tuple[str, ...]] = ("weight-int8", "dynamic-int8", "static-int8", "fp16", "none")
+    cpu_quantization: ClassVar[str] = DEFAULT_TEXT_QUANTIZATION
     train_options: ClassVar[frozenset[str]] = frozenset(
         {*HYPERPARAMETERS, "data", "val_data", "val_fraction", "text_column", "label_column", "test_data", "config",
          "include_samples", "samples_store"}
